@@ -1,0 +1,32 @@
+"""The ``imagetune`` console script: one subcommand per job in ``jobs/``."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+COMMANDS = {
+    "run": ("jobs.run", "process every shard under --input into --output"),
+    "demo": ("jobs.demo", "build a sample dataset and run the whole pipeline on it locally"),
+}
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Plain timestamped logs on stderr (what Ray job logs and terminals both read well)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+        print("usage: imagetune COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    configure_logging()
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Typed job configuration: dataclasses loaded from YAML with ``--set key=value`` overrides.
+
+One config object describes a whole run. Values that have no sensible default (input and output
+URIs) are required; everything else has the default a user would pick on a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.core.storage import redact_uri
+
+RANDOM = "random"
+
+
+@dataclass
+class ReadConfig:
+    """How shards are recognised and turned into records."""
+
+    image_column: str = "image"
+    caption_column: str | None = "caption"
+    files_per_shard: int = 1000
+    batch_rows: int = 64
+
+
+@dataclass
+class DecodeConfig:
+    """Decode and resize to the working resolution (CPU tasks)."""
+
+    max_side: int = 1024
+    max_pixels: int = 178_956_970
+    num_cpus: float = 1.0
+
+
+@dataclass
+class TuneConfig:
+    """The restoration CNN. ``model`` is a checkpoint path/URI, or ``random`` (explicit, labelled)."""
+
+    model: str | None = None
+    tile_size: int = 512
+    tile_overlap: int = 32
+    batch_size: int = 8
+    allow_pickle: bool = False
+
+
+@dataclass
+class CaptionConfig:
+    """open_clip CoCa caption generation, with ``CoCa.generate``'s own settings."""
+
+    enabled: bool = True
+    model: str = "coca_ViT-B-32"
+    pretrained: str = "mscoco_finetuned_laion2b_s13b_b90k"
+    batch_size: int = 16
+    seq_len: int = 30
+    generation_type: Literal["beam_search", "top_k", "top_p"] = "beam_search"
+    num_beams: int = 6
+    num_beam_groups: int = 3
+    min_seq_len: int = 5
+    repetition_penalty: float = 1.0
+    allow_pickle: bool = False
+
+
+@dataclass
+class ClipConfig:
+    """open_clip CLIP alignment scoring of the tuned image against both captions."""
+
+    model: str = "ViT-B-32"
+    pretrained: str = "laion2b_s34b_b79k"
+    batch_size: int = 64
+    store_embedding: bool = True
+    allow_pickle: bool = False
+
+
+@dataclass
+class EncodeConfig:
+    """How tuned images are stored in the output."""
+
+    format: Literal["webp", "jpeg", "png"] = "webp"
+    quality: int = 90
+
+
+@dataclass
+class WriteConfig:
+    """Parquet layout."""
+
+    row_group_rows: int = 1024
+    compression: str = "zstd"
+    batch_rows: int = 256
+
+
+@dataclass
+class RunnerConfig:
+    """Ray engine knobs.
+
+    ``model_pools="fused"`` runs tune, caption and score in one actor per GPU (or per ``model_num_cpus``
+    on CPU-only clusters): no object-store hop between models and no way to deadlock on GPU count.
+    ``"separate"`` gives each model stage its own pool; their GPU fractions must fit the cluster.
+    """
+
+    address: str | None = None
+    model_pools: Literal["fused", "separate"] = "fused"
+    model_num_gpus: float | None = None
+    model_num_cpus: float = 1.0
+    model_memory_gb: float = 4.0
+    model_min_actors: int = 1
+    model_max_actors: int | None = None
+    model_batch_rows: int = 64
+    tune_num_gpus: float = 0.25
+    caption_num_gpus: float = 0.5
+    clip_num_gpus: float = 0.25
+    progress_bars: bool | None = None
+    checkpoint_cache: str = "~/.cache/imagetune/checkpoints"
+
+
+@dataclass
+class JobConfig:
+    """Everything one pipeline run needs."""
+
+    input: str
+    output: str
+    read: ReadConfig = field(default_factory=ReadConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+    def validate(self) -> None:
+        """Fail before any work for values that would make the whole run wrong."""
+        if not self.tune.model:
+            raise ValueError(
+                "tune.model is required: a tuner checkpoint path or URI (e.g. s3://bucket/models/tuner/), "
+                "or 'random' for an explicitly untrained network"
+            )
+        if self.decode.max_side < 16:
+            raise ValueError(f"decode.max_side={self.decode.max_side} is too small; use at least 16")
+        if self.tune.tile_overlap * 2 >= self.tune.tile_size:
+            raise ValueError(
+                f"tune.tile_overlap={self.tune.tile_overlap} must be under half of tune.tile_size={self.tune.tile_size}"
+            )
+        if self.tune.tile_size % 2 or self.tune.tile_overlap % 2:
+            raise ValueError("tune.tile_size and tune.tile_overlap must be even")
+        if not 1 <= self.encode.quality <= 100:
+            raise ValueError(f"encode.quality={self.encode.quality} must be within 1..100")
+        if self.runner.model_memory_gb <= 0:
+            raise ValueError(f"runner.model_memory_gb={self.runner.model_memory_gb} must be positive")
+        if self.caption.seq_len <= self.caption.min_seq_len:
+            raise ValueError(
+                f"caption.seq_len={self.caption.seq_len} must exceed caption.min_seq_len={self.caption.min_seq_len}"
+            )
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration as plain data, with credentials in URIs removed, for logs and summaries."""
+        data = dataclasses.asdict(self)
+        data["input"] = redact_uri(self.input)
+        data["output"] = redact_uri(self.output)
+        return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> JobConfig:
+    """Build a ``JobConfig`` from a YAML file, keyword values, then ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    for key, value in values.items():
+        if value is not None:
+            data[key] = value
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        _set_path(data, key.split("."), yaml.safe_load(raw))
+    config = _build(JobConfig, data, "")
+    config.validate()
+    return config
+
+
+def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+        if not isinstance(data, dict):
+            raise ValueError(f"cannot set {'.'.join(keys)}: {key} is not a section")
+    data[keys[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{name} is required")
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, name + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, name)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError("; ".join(errors))
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}={value!r} must be a string")
+        return value
+    return value

@@ -1,0 +1,77 @@
+"""Storage access through fsspec: one place that turns URIs into filesystems.
+
+S3 goes through s3fs/botocore, which read the standard AWS environment (credentials chain,
+``AWS_REGION``, ``AWS_ENDPOINT_URL`` for S3-compatible stores) on the driver and on every worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+# Non-secret settings forwarded to Ray workers of a remote cluster. Credentials are not forwarded:
+# workers get them from their own chain (instance profile, IRSA, mounted secrets).
+WORKER_ENV_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_CA_BUNDLE",
+)
+
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]+@")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for ``uri`` and the path inside it (no protocol)."""
+    fs, path = url_to_fs(uri)
+    return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI or local path with ``/``."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def protocol_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A full URI for ``path`` on ``fs`` that any worker can open again."""
+    return fs.unstrip_protocol(path)
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names object storage or another non-local filesystem."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def redact_uri(uri: str) -> str:
+    """``scheme://user:secret@host/path`` → ``scheme://***@host/path``; other URIs unchanged."""
+    return _USERINFO.sub(r"\1***@", uri)
+
+
+def write_json(uri: str, payload: Any) -> None:
+    """Write one small JSON object; a single PUT on object storage, so it appears whole or not at all."""
+    fs, path = filesystem(uri)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+
+
+def read_json(uri: str) -> Any:
+    """Read one JSON object."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "r") as handle:
+        return json.load(handle)
+
+
+def worker_env() -> dict[str, str]:
+    """The storage settings of this process that Ray workers should see too."""
+    return {name: os.environ[name] for name in WORKER_ENV_VARS if os.environ.get(name)}

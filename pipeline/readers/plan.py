@@ -1,0 +1,125 @@
+"""Planning: list the input once on the driver and group it into shards.
+
+A shard is the unit of reading, writing and committing: a WebDataset ``.tar``, a Parquet file, or
+a group of plain image files from one directory. Workers never list storage; they open the exact
+objects the plan names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from pipeline.core import storage
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+ShardKind = Literal["tar", "parquet", "files"]
+
+
+@dataclass(frozen=True)
+class ShardMember:
+    """One object of a shard with the identity the manifest compares (size + ETag or mtime)."""
+
+    uri: str
+    size: int
+    version: str
+    caption_uri: str = ""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work. ``shard_id`` is the path relative to the input root, stable across runs."""
+
+    shard_id: str
+    kind: ShardKind
+    members: tuple[ShardMember, ...]
+
+    @property
+    def uri(self) -> str:
+        return self.members[0].uri if self.kind != "files" else self.members[0].uri.rsplit("/", 1)[0]
+
+    @property
+    def fingerprint(self) -> str:
+        """Digest of every member's uri, size and version: equal fingerprints mean unchanged input."""
+        digest = hashlib.sha256()
+        for member in self.members:
+            digest.update(f"{member.uri}\0{member.size}\0{member.version}\n".encode())
+        return digest.hexdigest()
+
+    @property
+    def output_name(self) -> str:
+        return output_name(self.shard_id)
+
+    def to_row(self) -> dict[str, Any]:
+        return {"shard_id": self.shard_id, "kind": self.kind, "members": [asdict(m) for m in self.members]}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Shard:
+        members = tuple(
+            ShardMember(str(m["uri"]), int(m["size"]), str(m["version"]), str(m.get("caption_uri") or ""))
+            for m in row["members"]
+        )
+        return cls(shard_id=str(row["shard_id"]), kind=row["kind"], members=members)
+
+
+def output_name(shard_id: str) -> str:
+    """A file-name-safe, collision-free name derived only from ``shard_id``."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", shard_id).strip("_")[-120:]
+    return f"{safe}-{hashlib.sha1(shard_id.encode()).hexdigest()[:10]}"
+
+
+def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
+    """List ``input_uri`` and group what is there into shards, sorted by ``shard_id``.
+
+    Raises ``FileNotFoundError`` when the prefix holds nothing: an empty input is almost always a
+    wrong path, and a silent zero-row run would hide it.
+    """
+    fs, root = storage.filesystem(input_uri)
+    if fs.isfile(root):
+        listing = {root: fs.info(root)}
+        root = fs._parent(root)
+    else:
+        listing = fs.find(root, withdirs=False, detail=True)
+    shards: list[Shard] = []
+    image_files: dict[str, list[ShardMember]] = defaultdict(list)
+    sidecars = {path.rsplit(".", 1)[0] for path in listing if path.lower().endswith(".txt")}
+    for path, info in sorted(listing.items()):
+        relative = path[len(root) :].lstrip("/") if path.startswith(root) else path
+        name = relative.rsplit("/", 1)[-1]
+        if name.startswith(".") or name.startswith("_"):
+            continue
+        extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        member = ShardMember(storage.protocol_uri(fs, path), int(info.get("size") or 0), _version(info))
+        stem = path.rsplit(".", 1)[0]
+        if extension == "tar":
+            shards.append(Shard(relative, "tar", (member,)))
+        elif extension == "parquet":
+            shards.append(Shard(relative, "parquet", (member,)))
+        elif extension in IMAGE_EXTENSIONS:
+            if stem in sidecars:
+                member = replace(member, caption_uri=storage.protocol_uri(fs, stem + ".txt"))
+            image_files[relative.rpartition("/")[0]].append(member)
+    for directory, members in image_files.items():
+        for start in range(0, len(members), files_per_shard):
+            chunk = tuple(members[start : start + files_per_shard])
+            shard_id = f"{directory}/@files-{start // files_per_shard:05d}".lstrip("/")
+            shards.append(Shard(shard_id, "files", chunk))
+    if not shards:
+        raise FileNotFoundError(
+            f"no shards under {storage.redact_uri(input_uri)}: expected .tar, .parquet or image files"
+        )
+    return sorted(shards, key=lambda s: s.shard_id)
+
+
+def _version(info: dict[str, Any]) -> str:
+    """ETag on object storage, modification time on filesystems."""
+    for key in ("ETag", "etag", "VersionId"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""

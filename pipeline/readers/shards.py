@@ -1,0 +1,130 @@
+"""Read one shard into records: WebDataset tar, Parquet with an image-bytes column, plain files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tarfile
+from collections.abc import Iterator
+
+import pyarrow.parquet as pq
+
+from pipeline.core import storage
+from pipeline.core.batch import Batch
+from pipeline.core.config import ReadConfig
+from pipeline.readers.plan import IMAGE_EXTENSIONS, Shard
+from pipeline.readers.records import Record, batch_records, decode_caption, shard_error
+
+logger = logging.getLogger(__name__)
+
+# WebDataset's key/extension split: the key is the member path up to the first dot of its basename.
+_KEY_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+def read_shard(shard: Shard, config: ReadConfig) -> Iterator[Batch]:
+    """Batches of records for ``shard``; never raises for bad content, which becomes error rows."""
+    readers = {"tar": _tar_records, "parquet": _parquet_records, "files": _file_records}
+    return batch_records(_guarded(readers[shard.kind](shard, config), shard), shard, config.batch_rows)
+
+
+def _guarded(records: Iterator[Record], shard: Shard) -> Iterator[Record]:
+    """Keep the records read before a failure and account for the rest with one error row."""
+    count = 0
+    try:
+        for record in records:
+            count += 1
+            yield record
+    except Exception as error:
+        logger.warning("shard %s failed after %d records: %s", shard.shard_id, count, error)
+        prefix = f"shard unreadable after {count} records: " if count else "shard unreadable: "
+        yield shard_error(shard, f"{prefix}{type(error).__name__}: {error}")
+
+
+def _tar_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
+    fs, path = storage.filesystem(shard.members[0].uri)
+    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+        key: str | None = None
+        group: dict[str, bytes] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            match = _KEY_EXTENSION.match(member.name)
+            if match is None:
+                continue
+            member_key, extension = match.group(1), match.group(2).lower()
+            if member_key != key:
+                if key is not None:
+                    yield _tar_record(shard, key, group, config)
+                key, group = member_key, {}
+            extracted = tar.extractfile(member)
+            group[extension] = extracted.read() if extracted else b""
+        if key is not None:
+            yield _tar_record(shard, key, group, config)
+
+
+def _tar_record(shard: Shard, key: str, group: dict[str, bytes], config: ReadConfig) -> Record:
+    uri = f"{shard.members[0].uri}#{key}"
+    image_extensions = [ext for ext in group if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+    if not image_extensions:
+        return Record(key=key, source_uri=uri, error=f"no image member (found: {', '.join(sorted(group))})")
+    caption = None
+    if "txt" in group:
+        caption = decode_caption(group["txt"])
+    elif "json" in group and config.caption_column:
+        caption = _json_caption(group["json"], config.caption_column)
+    return Record(key=key, source_uri=uri, image_bytes=group[image_extensions[0]], caption=caption)
+
+
+def _json_caption(raw: bytes, field: str) -> str | None:
+    try:
+        value = json.loads(raw).get(field)
+    except (ValueError, AttributeError):
+        return None
+    return str(value) if value is not None else None
+
+
+def _parquet_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
+    uri = shard.members[0].uri
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        names = parquet.schema_arrow.names
+        if config.image_column not in names:
+            raise ValueError(
+                f"image column {config.image_column!r} not in {storage.redact_uri(uri)} "
+                f"(columns: {', '.join(names)}); set read.image_column"
+            )
+        caption_column = config.caption_column if config.caption_column in names else None
+        columns = [config.image_column] + ([caption_column] if caption_column else [])
+        index = 0
+        for batch in parquet.iter_batches(batch_size=config.batch_rows, columns=columns):
+            images = batch.column(config.image_column).to_pylist()
+            captions = batch.column(caption_column).to_pylist() if caption_column else [None] * len(images)
+            for image, caption in zip(images, captions, strict=True):
+                key = f"{index:09d}"
+                index += 1
+                if isinstance(image, dict):
+                    image = image.get("bytes")
+                if not image:
+                    yield Record(key=key, source_uri=f"{uri}#{key}", error="empty image value")
+                    continue
+                text = decode_caption(caption) if isinstance(caption, bytes) else caption
+                yield Record(key=key, source_uri=f"{uri}#{key}", image_bytes=bytes(image), caption=text)
+
+
+def _file_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
+    fs, _ = storage.filesystem(shard.members[0].uri)
+    for member in shard.members:
+        key = member.uri.rsplit("/", 1)[-1]
+        try:
+            with fs.open(storage.filesystem(member.uri)[1], "rb") as handle:
+                data = handle.read()
+            caption = None
+            if member.caption_uri:
+                with fs.open(storage.filesystem(member.caption_uri)[1], "rb") as handle:
+                    caption = decode_caption(handle.read())
+        except (OSError, ValueError) as error:
+            yield Record(key=key, source_uri=member.uri, error=f"{type(error).__name__}: {error}")
+            continue
+        yield Record(key=key, source_uri=member.uri, image_bytes=data, caption=caption)

@@ -1,0 +1,205 @@
+"""Run the stages over the planned shards on Ray Data and commit each shard as soon as it is complete.
+
+Image data streams between workers through the object store; the driver sees only one small
+metadata row per staged part. When a shard's staged rows reach its record count, a finalize task
+writes its data file and the driver commits it to the manifest, so a run killed midway keeps every
+shard committed before the kill.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import ray
+
+from pipeline.core import storage
+from pipeline.core.config import JobConfig
+from pipeline.core.stats import RunStats
+from pipeline.readers.plan import Shard
+from pipeline.runner.pools import ActorStage, Pool, ReadShards, TaskStage, plan_pools
+from pipeline.stages.base import Stage
+from pipeline.writers.manifest import commit_shard
+from pipeline.writers.parquet import StagedPartWriter, finalize_shard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineStages:
+    """The stages of one run, built from the job config."""
+
+    decode: Stage
+    models: list[Stage]
+    encode: Stage
+
+
+@dataclass
+class RunOutcome:
+    """What happened to each planned shard, and the merged statistics."""
+
+    committed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    stats: RunStats = field(default_factory=RunStats)
+
+
+@dataclass
+class _ShardProgress:
+    parts: list[str] = field(default_factory=list)
+    rows: int = 0
+    total: int = -1
+    counts: Counter = field(default_factory=Counter)
+    models: dict[str, set] = field(default_factory=dict)
+    finalizing: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.total >= 0 and self.rows == self.total
+
+
+class _ShardCommitter:
+    """Driver-side bookkeeping: staged rows per shard → finalize task → manifest commit."""
+
+    def __init__(self, config: JobConfig, shards: list[Shard], run_id: str, processed_at: datetime) -> None:
+        self.config = config
+        self.run_id = run_id
+        self.shards = {shard.shard_id: shard for shard in shards}
+        self.progress = {shard.shard_id: _ShardProgress() for shard in shards}
+        self.partition = f"dt={processed_at:%Y-%m-%d}"
+        self.pending: dict[ray.ObjectRef, str] = {}
+        self.outcome = RunOutcome()
+        self._finalize = ray.remote(num_cpus=0.25, max_retries=3)(finalize_shard)
+
+    def add_part(self, meta: dict) -> None:
+        """Account for one staged part; start finalizing its shard once all rows are staged."""
+        state = self.progress[meta["shard_id"]]
+        counts = json.loads(meta["counts"])
+        state.parts.append(meta["part_uri"])
+        state.rows += int(meta["rows"])
+        state.total = max(state.total, int(meta["shard_total"]))
+        state.counts.update(counts)
+        for column, ids in json.loads(meta["models"]).items():
+            state.models.setdefault(column, set()).update(ids)
+        self.outcome.stats.add(int(meta["rows"]), counts, json.loads(meta["seconds"]), {})
+        if state.complete:
+            self._start(meta["shard_id"])
+        self.collect(block=False)
+
+    def finish(self) -> RunOutcome:
+        """The stream is exhausted: every shard is complete, including those with zero records."""
+        for shard_id, state in self.progress.items():
+            if state.finalizing:
+                continue
+            if state.parts:
+                self._start(shard_id)
+            else:
+                self._commit(shard_id, [])
+        self.collect(block=True)
+        return self.outcome
+
+    def _file(self, shard_id: str) -> str:
+        return f"{self.partition}/{self.shards[shard_id].output_name}.parquet"
+
+    def _start(self, shard_id: str) -> None:
+        state = self.progress[shard_id]
+        state.finalizing = True
+        target = storage.join(self.config.output, self._file(shard_id))
+        write = self.config.write
+        self.pending[self._finalize.remote(state.parts, target, write.compression, write.row_group_rows)] = shard_id
+
+    def collect(self, block: bool) -> None:
+        """Commit the shards whose finalize finished (all of them when ``block``)."""
+        if not self.pending:
+            return
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=None if block else 0)
+        for ref in ready:
+            shard_id = self.pending.pop(ref)
+            try:
+                ray.get(ref)
+            except Exception as error:  # one shard's failure is reported; the run goes on
+                logger.error("shard %s failed to finalize: %s", shard_id, error)
+                self.outcome.failed[shard_id] = f"finalize: {type(error).__name__}: {error}"[:500]
+                continue
+            self._commit(shard_id, [self._file(shard_id)])
+
+    def _commit(self, shard_id: str, files: list[str]) -> None:
+        state = self.progress[shard_id]
+        models = {column: sorted(ids) for column, ids in state.models.items()}
+        commit_shard(
+            self.config.output,
+            self.shards[shard_id],
+            files,
+            state.rows,
+            dict(state.counts),
+            models,
+            self.run_id,
+        )
+        self.outcome.committed.append(shard_id)
+        for column, ids in models.items():
+            self.outcome.stats.models.setdefault(column, set()).update(ids)
+        logger.info("committed shard %s (%d rows)", shard_id, state.rows)
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; forward storage settings."""
+    if ray.is_initialized():
+        return
+    ray.init(address=address, runtime_env={"env_vars": storage.worker_env()}, log_to_driver=True)
+
+
+def run_stages(
+    config: JobConfig, shards: list[Shard], stages: PipelineStages, run_id: str, processed_at: datetime
+) -> RunOutcome:
+    """Process ``shards`` end to end; returns per-shard outcomes. Raises only for run-wide failures."""
+    context = ray.data.DataContext.get_current()
+    bars = config.runner.progress_bars
+    context.enable_progress_bars = sys.stderr.isatty() if bars is None else bars
+    pools = plan_pools(stages.models, config.runner, ray.cluster_resources())
+    staging = storage.join(config.output, "_staging", run_id)
+    dataset = _build_dataset(config, shards, stages, pools, staging, run_id, processed_at)
+    committer = _ShardCommitter(config, shards, run_id, processed_at)
+    for meta in dataset.iter_rows():
+        committer.add_part(meta)
+    outcome = committer.finish()
+    _remove_staging(staging)
+    return outcome
+
+
+def _build_dataset(config, shards, stages, pools: list[Pool], staging, run_id, processed_at):
+    rows = [{"shard": json.dumps(shard.to_row())} for shard in shards]
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    dataset = dataset.map_batches(ReadShards(config.read), batch_size=1, num_cpus=1)
+    dataset = dataset.map_batches(
+        TaskStage(stages.decode),
+        batch_size=config.read.batch_rows,
+        num_cpus=config.decode.num_cpus,
+        udf_modifying_row_count=False,
+    )
+    for pool in pools:
+        dataset = dataset.map_batches(
+            ActorStage,
+            fn_constructor_kwargs={"stage": pool.stage, "threads": pool.threads},
+            batch_size=config.runner.model_batch_rows,
+            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            num_gpus=pool.num_gpus or None,
+            num_cpus=pool.num_cpus,
+            # Model actors hold their weights in memory; reserving it also gives them remote args
+            # unlike the CPU tasks', so Ray Data never fuses decode into a model actor.
+            memory=int(config.runner.model_memory_gb * 2**30),
+            udf_modifying_row_count=False,
+        )
+    dataset = dataset.map_batches(
+        TaskStage(stages.encode), batch_size=config.write.batch_rows, udf_modifying_row_count=False
+    )
+    writer = StagedPartWriter(staging, run_id, processed_at, config.write.compression)
+    return dataset.map_batches(writer, batch_size=config.write.batch_rows)
+
+
+def _remove_staging(staging: str) -> None:
+    fs, path = storage.filesystem(staging)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

@@ -1,0 +1,142 @@
+"""The batch job: config → plan → stages → Ray → commits → run summary."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import open_clip
+
+from pipeline.core import storage
+from pipeline.core.config import RANDOM, JobConfig
+from pipeline.models.checkpoints import locate_checkpoint
+from pipeline.models.openclip import is_checkpoint_path
+from pipeline.readers.plan import plan_shards
+from pipeline.runner.execute import PipelineStages, init_ray, run_stages
+from pipeline.stages.caption import CaptionStage
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.encode import EncodeStage
+from pipeline.stages.score import ClipScoreStage
+from pipeline.stages.tune import TuneStage
+
+logger = logging.getLogger(__name__)
+
+RUNS_DIR = "_runs"
+
+
+@dataclass
+class RunReport:
+    """The run summary as written to ``_runs/<run_id>.json``, and where."""
+
+    summary: dict[str, Any]
+    uri: str
+
+    @property
+    def succeeded(self) -> bool:
+        return not self.summary["shards_failed"]
+
+
+def new_run_id(now: datetime) -> str:
+    """Sortable and unique: ``20261122T074500Z-1a2b3c``."""
+    return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def build_stages(config: JobConfig) -> PipelineStages:
+    """The stages of a run, configured; cheap to build and to ship to workers."""
+    cache = config.runner.checkpoint_cache
+    models = [
+        TuneStage(
+            model=config.tune.model or "",
+            tile_size=config.tune.tile_size,
+            tile_overlap=config.tune.tile_overlap,
+            batch_size=config.tune.batch_size,
+            cache_dir=cache,
+            allow_pickle=config.tune.allow_pickle,
+        )
+    ]
+    caption = config.caption
+    if caption.enabled:
+        models.append(
+            CaptionStage(
+                model=caption.model,
+                pretrained=caption.pretrained,
+                batch_size=caption.batch_size,
+                seq_len=caption.seq_len,
+                generation_type=caption.generation_type,
+                num_beams=caption.num_beams,
+                num_beam_groups=caption.num_beam_groups,
+                min_seq_len=caption.min_seq_len,
+                repetition_penalty=caption.repetition_penalty,
+                cache_dir=cache,
+                allow_pickle=caption.allow_pickle,
+            )
+        )
+    models.append(
+        ClipScoreStage(
+            model=config.clip.model,
+            pretrained=config.clip.pretrained,
+            batch_size=config.clip.batch_size,
+            store_embedding=config.clip.store_embedding,
+            cache_dir=cache,
+            allow_pickle=config.clip.allow_pickle,
+        )
+    )
+    return PipelineStages(
+        decode=DecodeStage(max_side=config.decode.max_side, max_pixels=config.decode.max_pixels),
+        models=models,
+        encode=EncodeStage(format=config.encode.format, quality=config.encode.quality),
+    )
+
+
+def preflight(config: JobConfig) -> None:
+    """Fail before reading any data when a model cannot be found or would load unsafely."""
+    if config.tune.model != RANDOM:
+        locate_checkpoint(config.tune.model or "", config.tune.allow_pickle)
+    checks = [(config.clip.model, config.clip.pretrained, config.clip.allow_pickle)]
+    if config.caption.enabled:
+        checks.append((config.caption.model, config.caption.pretrained, config.caption.allow_pickle))
+    for name, pretrained, allow_pickle in checks:
+        if open_clip.get_model_config(name) is None:
+            raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+        if pretrained == RANDOM:
+            logger.warning("%s will run with RANDOM WEIGHTS, as configured; its outputs are labelled so", name)
+        elif is_checkpoint_path(pretrained):
+            locate_checkpoint(pretrained, allow_pickle)
+        elif not open_clip.get_pretrained_cfg(name, pretrained):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+            raise ValueError(f"{pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {tags})")
+
+
+def run_batch_job(config: JobConfig, run_id: str | None = None) -> RunReport:
+    """Process every shard under ``config.input`` into ``config.output`` and write the run summary."""
+    started = datetime.now(UTC)
+    clock = time.perf_counter()
+    run_id = run_id or new_run_id(started)
+    preflight(config)
+    shards = plan_shards(config.input, config.read.files_per_shard)
+    logger.info("run %s: %d shards under %s", run_id, len(shards), storage.redact_uri(config.input))
+    init_ray(config.runner.address)
+    outcome = run_stages(config, shards, build_stages(config), run_id, started)
+    wall = time.perf_counter() - clock
+    summary = {
+        "run_id": run_id,
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
+        "wall_seconds": round(wall, 3),
+        "input": storage.redact_uri(config.input),
+        "output": storage.redact_uri(config.output),
+        "shards_planned": len(shards),
+        "shards_committed": len(outcome.committed),
+        "shards_failed": outcome.failed,
+        **outcome.stats.summary(),
+        "rows_per_second": round(outcome.stats.rows / wall, 3) if wall else None,
+        "config": config.redacted(),
+    }
+    uri = storage.join(config.output, RUNS_DIR, f"{run_id}.json")
+    storage.write_json(uri, summary)
+    logger.info("run %s: %d rows (%d ok) in %.1fs; summary %s", run_id, summary["rows"], summary["rows_ok"], wall, uri)
+    return RunReport(summary, uri)

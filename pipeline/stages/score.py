@@ -1,0 +1,76 @@
+"""CLIP image–text alignment of the tuned image with both captions (actor stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from pipeline.core.batch import Batch, fill, ok_mask, writable
+from pipeline.models.openclip import OpenClipModel, load_open_clip, select_device
+from pipeline.stages.base import Stage
+
+
+@dataclass
+class ClipScoreStage(Stage):
+    """``image`` + captions → ``image_embedding``, ``clip_score``, ``generated_clip_score`` (cosine).
+
+    A score is NaN (null in the output) where its text is missing or empty.
+    """
+
+    model: str
+    pretrained: str
+    batch_size: int = 64
+    store_embedding: bool = True
+    cache_dir: str = "~/.cache/imagetune/checkpoints"
+    allow_pickle: bool = False
+    name: ClassVar[str] = "score"
+
+    def setup(self) -> None:
+        self._clip: OpenClipModel = load_open_clip(
+            self.model, self.pretrained, select_device(), self.cache_dir, self.allow_pickle
+        )
+
+    @torch.inference_mode()
+    def embed_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        """L2-normalised image embeddings, float32, on the model's device."""
+        clip = self._clip
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            with clip.autocast():
+                features = clip.model.encode_image(clip.pixels(images[start : start + self.batch_size]))
+            out.append(torch.nn.functional.normalize(features.float(), dim=-1))
+        return torch.cat(out) if out else torch.empty(0, 0, device=clip.device)
+
+    @torch.inference_mode()
+    def similarity(self, image_embeddings: torch.Tensor, texts: list[str | None]) -> np.ndarray:
+        """Cosine similarity of each image with its text; NaN where the text is missing or empty."""
+        clip = self._clip
+        scores = np.full(len(texts), np.nan, dtype=np.float32)
+        present = [i for i, text in enumerate(texts) if text]
+        for start in range(0, len(present), self.batch_size):
+            rows = present[start : start + self.batch_size]
+            tokens = clip.tokenizer([texts[i] for i in rows]).to(clip.device)
+            with clip.autocast():
+                features = clip.model.encode_text(tokens)
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+            scores[rows] = (features * image_embeddings[rows]).sum(-1).cpu().numpy()
+        return scores
+
+    def process(self, batch: Batch) -> Batch:
+        batch = writable(batch)
+        ok = ok_mask(batch)
+        index = np.flatnonzero(ok)
+        embeddings = self.embed_images([batch["image"][i] for i in index])
+        captions = [batch["caption"][i] for i in index]
+        fill(batch, "clip_score", self.similarity(embeddings, captions), ok, np.float32(np.nan))
+        if "generated_caption" in batch:
+            generated = [batch["generated_caption"][i] for i in index]
+            fill(batch, "generated_clip_score", self.similarity(embeddings, generated), ok, np.float32(np.nan))
+        empty = np.zeros(0, np.float32)
+        vectors = list(embeddings.cpu().numpy()) if self.store_embedding else [empty] * len(index)
+        fill(batch, "image_embedding", vectors, ok, empty)
+        fill(batch, "clip_model", [self._clip.model_id] * len(index), ok, "")
+        return batch

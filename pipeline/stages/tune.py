@@ -1,0 +1,64 @@
+"""Apply the restoration CNN to every decoded image (actor stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from pipeline.core.batch import Batch, fill, ok_mask, writable
+from pipeline.core.config import RANDOM
+from pipeline.models.checkpoints import fetch_checkpoint
+from pipeline.models.openclip import select_device
+from pipeline.models.tuner import load_tuner, random_tuner, restore_images
+from pipeline.stages.base import Stage
+
+
+def load_tuner_model(model: str, cache_dir: str, allow_pickle: bool = False):
+    """The tuner for ``model``: a checkpoint path/URI or ``random``. Returns (network, model id)."""
+    if model == RANDOM:
+        return random_tuner()
+    return load_tuner(str(fetch_checkpoint(model, cache_dir, allow_pickle)))
+
+
+@dataclass
+class TuneStage(Stage):
+    """``image`` → restored ``image`` (same size, uint8), plus the ``tuner_model`` provenance."""
+
+    model: str
+    tile_size: int = 512
+    tile_overlap: int = 32
+    batch_size: int = 8
+    cache_dir: str = "~/.cache/imagetune/checkpoints"
+    allow_pickle: bool = False
+    name: ClassVar[str] = "tune"
+
+    def setup(self) -> None:
+        self._device = select_device()
+        network, self._model_id = load_tuner_model(self.model, self.cache_dir, self.allow_pickle)
+        radius = network.arch.receptive_radius
+        if self.tile_overlap < radius:
+            raise ValueError(
+                f"tune.tile_overlap={self.tile_overlap} is below the model's receptive radius {radius}: "
+                "tiles would show seams; raise tune.tile_overlap"
+            )
+        self._network = network.to(self._device)
+
+    def process(self, batch: Batch) -> Batch:
+        batch = writable(batch)
+        ok = ok_mask(batch)
+        images = list(batch["image"])
+        restored = restore_images(
+            self._network,
+            [images[i] for i in np.flatnonzero(ok)],
+            self.tile_size,
+            self.tile_overlap,
+            self.batch_size,
+            self._device,
+        )
+        for i, pixels in zip(np.flatnonzero(ok), restored, strict=True):
+            images[i] = pixels
+        fill(batch, "image", images, np.ones(len(images), bool), None)
+        fill(batch, "tuner_model", [self._model_id] * int(ok.sum()), ok, "")
+        return batch

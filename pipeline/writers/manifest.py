@@ -1,0 +1,66 @@
+"""The manifest: one small JSON per committed shard under ``<output>/_manifest/``.
+
+A shard is committed only after its data file exists, and the entry is written in one PUT, so a
+reader of the manifest never sees half a shard. The entry names the input identity (for incremental
+planning), the output files, row counts and the models that produced them.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.core import storage
+from pipeline.readers.plan import Shard
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_DIR = "_manifest"
+
+
+def manifest_uri(output: str, shard: Shard) -> str:
+    return storage.join(output, MANIFEST_DIR, f"{shard.output_name}.json")
+
+
+def read_entry(output: str, shard: Shard) -> dict[str, Any] | None:
+    """The committed entry of ``shard``, or ``None`` if it was never committed."""
+    try:
+        return storage.read_json(manifest_uri(output, shard))
+    except FileNotFoundError:
+        return None
+
+
+def commit_shard(
+    output: str,
+    shard: Shard,
+    files: list[str],
+    rows: int,
+    counts: dict[str, int],
+    models: dict[str, list[str]],
+    run_id: str,
+) -> dict[str, Any]:
+    """Record ``shard`` as done, then delete files an earlier commit of it listed and this one does not.
+
+    ``files`` are relative to ``output``. A shard re-processed on a later day lands in a new ``dt=``
+    partition; its old file goes only after the new entry is in place.
+    """
+    previous = read_entry(output, shard)
+    entry = {
+        "shard_id": shard.shard_id,
+        "kind": shard.kind,
+        "input": {"fingerprint": shard.fingerprint, "members": [m.__dict__ for m in shard.members]},
+        "files": files,
+        "rows": rows,
+        "counts": counts,
+        "models": models,
+        "run_id": run_id,
+        "committed_at": datetime.now(UTC).isoformat(),
+    }
+    storage.write_json(manifest_uri(output, shard), entry)
+    for stale in sorted(set((previous or {}).get("files", [])) - set(files)):
+        fs, path = storage.filesystem(storage.join(output, stale))
+        if fs.exists(path):
+            logger.info("removing %s, replaced by run %s", stale, run_id)
+            fs.rm_file(path)
+    return entry
