@@ -25,12 +25,19 @@ WORKER_ENV_VARS = (
     "AWS_CA_BUNDLE",
 )
 
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]+@")
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for ``uri`` and the path inside it (no protocol)."""
-    fs, path = url_to_fs(uri)
+    """The filesystem for ``uri`` and the path inside it (no protocol).
+
+    Object stores get no listings cache: workers and other runs write the same prefixes, and a
+    stale listing would make the driver plan or commit from old facts.
+    """
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    options = {"use_listings_cache": False} if protocol in OBJECT_STORES else {}
+    fs, path = url_to_fs(uri, **options)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
 

@@ -49,6 +49,20 @@ class OpenClipModel:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
 
+def register_model_config(name: str) -> str:
+    """Accept a path to an open_clip model-config JSON (a custom architecture) as well as a name.
+
+    The config is registered with open_clip in this process and its file stem becomes the name.
+    """
+    if not name.endswith(".json"):
+        return name
+    path = os.path.expanduser(name)
+    if not os.path.isfile(path):
+        raise ValueError(f"open_clip model config {name} does not exist")
+    open_clip.add_model_config(path)
+    return os.path.basename(path).removesuffix(".json")
+
+
 def select_device() -> torch.device:
     """The GPU Ray assigned to this worker, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -67,11 +81,13 @@ def load_open_clip(
     ``random`` is deliberate (tests, air-gapped smoke runs): the weights are seeded so every actor
     holds the same model, and the model id says RANDOM-WEIGHTS so no output can pass for real.
     """
+    name = register_model_config(name)
     if pretrained == RANDOM:
         logger.warning("open_clip %s runs with RANDOM WEIGHTS: its captions and scores mean nothing", name)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+            fill_zero_matrices(model)
         model_id = f"open_clip:{name}/RANDOM-WEIGHTS(seed={seed})"
     else:
         local = _local_checkpoint(pretrained, cache_dir, allow_pickle)
@@ -97,6 +113,19 @@ def load_open_clip(
 def is_checkpoint_path(pretrained: str) -> bool:
     """Whether ``pretrained`` names a file or URI rather than an open_clip pretrained tag."""
     return "://" in pretrained or os.sep in pretrained or pretrained.endswith((".safetensors", *PICKLE_SUFFIXES))
+
+
+def fill_zero_matrices(model: torch.nn.Module) -> None:
+    """Give weight matrices that open_clip initialises to zero random values (std = fan_in^-1/2).
+
+    CoCa's ``text_decoder.text_projection`` starts at zero, so an untrained CoCa produces all-zero
+    logits: greedy generation becomes a uniform random draw (different on every actor) and beam
+    search a constant. Filled, random outputs are a deterministic function of the image.
+    """
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.normal_(0.0, parameter.shape[0] ** -0.5)
 
 
 def _local_checkpoint(pretrained: str, cache_dir: str, allow_pickle: bool):

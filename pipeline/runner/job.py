@@ -14,7 +14,7 @@ import open_clip
 from pipeline.core import storage
 from pipeline.core.config import RANDOM, JobConfig
 from pipeline.models.checkpoints import locate_checkpoint
-from pipeline.models.openclip import is_checkpoint_path
+from pipeline.models.openclip import is_checkpoint_path, register_model_config
 from pipeline.readers.plan import plan_shards
 from pipeline.runner.execute import PipelineStages, init_ray, run_stages
 from pipeline.stages.caption import CaptionStage
@@ -99,7 +99,8 @@ def preflight(config: JobConfig) -> None:
     checks = [(config.clip.model, config.clip.pretrained, config.clip.allow_pickle)]
     if config.caption.enabled:
         checks.append((config.caption.model, config.caption.pretrained, config.caption.allow_pickle))
-    for name, pretrained, allow_pickle in checks:
+    for model, pretrained, allow_pickle in checks:
+        name = register_model_config(model)
         if open_clip.get_model_config(name) is None:
             raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
         if pretrained == RANDOM:

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.core.config import load_config
+
+
+def test_yaml_then_keyword_values_then_set_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: s3://a/in/\noutput: s3://a/out/\ntune: {model: random}\nclip: {batch_size: 8}\n")
+    config = load_config(path, ["clip.batch_size=256", "caption.enabled=false"], output="s3://b/out/")
+    assert (config.input, config.output) == ("s3://a/in/", "s3://b/out/")
+    assert config.clip.batch_size == 256
+    assert config.caption.enabled is False
+
+
+def test_input_and_output_are_required():
+    with pytest.raises(ValueError, match="output is required"):
+        load_config(None, ["tune.model=random"], input="s3://a/")
+
+
+def test_unknown_keys_and_bad_types_name_the_key():
+    with pytest.raises(ValueError, match="unknown config key.*clip.batchsize"):
+        load_config(None, ["clip.batchsize=3", "tune.model=random"], input="a", output="b")
+    with pytest.raises(ValueError, match="clip.batch_size='many' must be an integer"):
+        load_config(None, ["clip.batch_size=many", "tune.model=random"], input="a", output="b")
+    with pytest.raises(ValueError, match="encode.format='gif' must be one of"):
+        load_config(None, ["encode.format=gif", "tune.model=random"], input="a", output="b")
+
+
+def test_missing_tuner_model_explains_the_fix():
+    with pytest.raises(ValueError, match="tune.model is required.*'random'"):
+        load_config(None, [], input="a", output="b")
+
+
+def test_redacted_config_hides_credentials_in_uris():
+    config = load_config(None, ["tune.model=random"], input="https://user:s3cret@host/in", output="b")
+    assert "s3cret" not in str(config.redacted())

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.models.checkpoints import CheckpointError, fetch_checkpoint
+from pipeline.models.tuner import RestorationNet, TunerArch, load_tuner, random_tuner, restore_images, save_tuner
+from pipeline.stages.tune import TuneStage
+from tests.conftest import BUCKET
+
+CPU = torch.device("cpu")
+
+
+def _trained_like(seed: int = 3) -> RestorationNet:
+    """A network whose output differs from its input (unlike a freshly initialised one)."""
+    torch.manual_seed(seed)
+    model = RestorationNet(TunerArch(channels=16, depth=4))
+    torch.nn.init.normal_(model.body[-1].weight, std=0.05)
+    return model.eval()
+
+
+def test_untrained_tuner_is_the_identity_and_says_it_is_random():
+    model, model_id = random_tuner()
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    (out,) = restore_images(model, [image], 512, 32, 4, CPU)
+    assert np.array_equal(out, image)
+    assert "RANDOM-WEIGHTS" in model_id
+
+
+def test_tiled_output_equals_untiled_for_images_of_any_shape():
+    model = _trained_like()
+    radius = model.arch.receptive_radius
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(90, 131, 3), (31, 47, 3), (64, 64, 3)]]
+    whole = restore_images(model, images, 512, 32, 4, CPU)
+    tiled = restore_images(model, images, 40, 2 * ((radius + 1) // 2), 3, CPU)
+    assert not np.array_equal(whole[0], images[0])
+    for expected, actual in zip(whole, tiled, strict=True):
+        assert actual.shape == expected.shape
+        assert np.abs(actual.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_checkpoint_round_trip_locally_and_through_s3(tmp_path, s3):
+    model = _trained_like()
+    path = tmp_path / "tuner.safetensors"
+    save_tuner(model, str(path), {"name": "unit-test"})
+    s3.put(str(path), f"{BUCKET}/models/tuner/model.safetensors")
+    image = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    (expected,) = restore_images(model, [image], 512, 32, 4, CPU)
+    for uri in (str(path), f"s3://{BUCKET}/models/tuner/"):
+        loaded, model_id = load_tuner(str(fetch_checkpoint(uri, str(tmp_path / "cache"))))
+        assert model_id.startswith("imagetune-tuner:unit-test@sha256:")
+        assert np.array_equal(restore_images(loaded, [image], 512, 32, 4, CPU)[0], expected)
+    cached = list((tmp_path / "cache").rglob("model.safetensors"))
+    assert len(cached) == 1
+
+
+def test_pickle_and_corrupt_checkpoints_are_refused(tmp_path):
+    pickle_path = tmp_path / "tuner.pt"
+    torch.save(_trained_like().state_dict(), pickle_path)
+    with pytest.raises(CheckpointError, match="refusing pickle checkpoint"):
+        fetch_checkpoint(str(pickle_path), str(tmp_path))
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_tuner(str(corrupt))
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        fetch_checkpoint(str(tmp_path / "missing.safetensors"), str(tmp_path))
+
+
+def test_stage_refuses_an_overlap_below_the_receptive_field(tmp_path):
+    with pytest.raises(ValueError, match="receptive radius"):
+        TuneStage(model="random", tile_size=64, tile_overlap=4).setup()

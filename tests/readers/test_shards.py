@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core.config import ReadConfig
+from pipeline.readers.plan import plan_shards
+from pipeline.readers.shards import read_shard
+from pipeline.sample import write_webdataset
+
+
+def _rows(shard, config=None):
+    batches = list(read_shard(shard, config or ReadConfig(batch_rows=4)))
+    merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]} if batches else {}
+    return batches, merged
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_plan_groups_tar_parquet_and_files_into_shards(tmp_path, photos):
+    write_webdataset(photos[:5], tmp_path / "tars", shard_size=3)
+    pq.write_table(pa.table({"image": [photos[0].data]}), tmp_path / "part.parquet")
+    (tmp_path / "files").mkdir()
+    for record in photos[:3]:
+        (tmp_path / "files" / f"{record.key}.{record.extension}").write_bytes(record.data)
+    (tmp_path / "files" / f"{photos[0].key}.txt").write_text("sidecar caption")
+    shards = plan_shards(str(tmp_path), files_per_shard=2)
+    assert [(s.shard_id, s.kind, len(s.members)) for s in shards] == [
+        ("files/@files-00000", "files", 2),
+        ("files/@files-00001", "files", 1),
+        ("part.parquet", "parquet", 1),
+        ("tars/sample-00000.tar", "tar", 1),
+        ("tars/sample-00001.tar", "tar", 1),
+    ]
+    captions = {m.uri.rsplit("/", 1)[1]: m.caption_uri for s in shards[:2] for m in s.members}
+    assert captions.pop(f"{photos[0].key}.png").endswith(f"/files/{photos[0].key}.txt")
+    assert set(captions.values()) == {""}
+    assert len({s.output_name for s in shards}) == len(shards)
+
+
+def test_webdataset_records_keep_keys_captions_and_count_on_last_batch(tmp_path, photos):
+    write_webdataset(photos[:6], tmp_path, shard_size=6)
+    (shard,) = plan_shards(str(tmp_path))
+    batches, rows = _rows(shard)
+    assert [len(b["id"]) for b in batches] == [4, 2]
+    assert list(batches[0]["_shard_total"]) == [-1] * 4 and list(batches[1]["_shard_total"]) == [6, 6]
+    assert list(rows["source_key"]) == [r.key for r in photos[:6]]
+    assert list(rows["id"]) == [f"sample-00000.tar#{r.key}" for r in photos[:6]]
+    assert list(rows["caption"]) == [r.caption for r in photos[:6]]
+    assert [bytes(b) for b in rows["image_bytes"]] == [r.data for r in photos[:6]]
+    assert set(rows["status"]) == {"ok"}
+
+
+def test_tar_record_without_image_and_duplicate_key_become_error_rows(tmp_path, photos):
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        _add(tar, "a.png", photos[0].data)
+        _add(tar, "b.txt", b"caption without image")
+        _add(tar, "a.png", photos[1].data)
+        _add(tar, "c.json", b'{"caption": "from json"}')
+        _add(tar, "c.jpg", photos[2].data)
+    (shard,) = plan_shards(str(tmp_path))
+    _, rows = _rows(shard)
+    assert list(rows["source_key"]) == ["a", "b", "a#duplicate-1", "c"]
+    assert list(rows["status"]) == ["ok", "error", "error", "ok"]
+    assert "no image member" in rows["error_message"][1]
+    assert "duplicate key 'a'" in rows["error_message"][2]
+    assert rows["caption"][3] == "from json"
+    assert len(set(rows["id"])) == 4
+
+
+def test_unreadable_tar_keeps_what_was_read_and_accounts_for_the_rest(tmp_path, photos):
+    write_webdataset(photos[:4], tmp_path, shard_size=4)
+    path = tmp_path / "sample-00000.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    (shard,) = plan_shards(str(tmp_path))
+    batches, rows = _rows(shard)
+    assert rows["status"][-1] == "error" and rows["error_stage"][-1] == "read"
+    assert "shard unreadable after" in rows["error_message"][-1]
+    assert batches[-1]["_shard_total"][0] == len(rows["id"])
+
+
+def test_parquet_shard_reads_configured_columns_and_names_a_missing_one(tmp_path, photos):
+    table = pa.table({"jpg": [r.data for r in photos[:3]], "alt": ["x", None, "z"]})
+    pq.write_table(table, tmp_path / "a.parquet")
+    (shard,) = plan_shards(str(tmp_path))
+    _, rows = _rows(shard, ReadConfig(image_column="jpg", caption_column="alt"))
+    assert list(rows["source_key"]) == ["000000000", "000000001", "000000002"]
+    assert list(rows["caption"]) == ["x", None, "z"]
+    _, rows = _rows(shard, ReadConfig(image_column="image"))
+    assert list(rows["status"]) == ["error"]
+    assert "image column 'image' not in" in rows["error_message"][0] and "a.parquet" in rows["error_message"][0]
+
+
+def test_plain_files_take_captions_from_sidecars(tmp_path, photos):
+    chelsea, coffee = photos[3], photos[4]
+    for record in (chelsea, coffee):
+        (tmp_path / f"{record.key}.png").write_bytes(record.data)
+    (tmp_path / f"{coffee.key}.txt").write_bytes(b"caf\xe9 caption")
+    (shard,) = plan_shards(str(tmp_path))
+    _, rows = _rows(shard)
+    assert list(rows["caption"]) == [None, "caf\ufffd caption"]
+    assert list(rows["id"]) == [f"@files-00000#{r.key}.png" for r in (chelsea, coffee)]

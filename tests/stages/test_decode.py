@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.core.batch import object_column
+from pipeline.stages.decode import DecodeError, DecodeStage, decode_image
+
+LIMIT = 10**8
+
+
+def _encode(image: Image.Image, image_format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+def _gradient(width: int = 40, height: int = 30) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 6 % 256, y * 8 % 256, (x + y) * 3 % 256], axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("image_format", "options", "tolerance"),
+    [("PNG", {}, 0), ("BMP", {}, 0), ("TIFF", {}, 0), ("WEBP", {"lossless": True}, 0), ("JPEG", {"quality": 95}, 40)],
+)
+def test_formats_decode_to_the_same_rgb_pixels(image_format, options, tolerance):
+    pixels = _gradient()
+    decoded = decode_image(_encode(Image.fromarray(pixels), image_format, **options), 64, LIMIT)
+    assert decoded.pixels.dtype == np.uint8 and decoded.pixels.shape == (30, 40, 3)
+    assert (decoded.width, decoded.height, decoded.format) == (40, 30, image_format.lower())
+    assert np.abs(decoded.pixels.astype(int) - pixels).max() <= tolerance
+
+
+def test_animated_gif_uses_the_first_frame():
+    frames = [Image.new("RGB", (8, 8), color) for color in ((255, 0, 0), (0, 0, 255))]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert tuple(decode_image(data, 64, LIMIT).pixels[0, 0]) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_comes_out_upright(orientation):
+    upright = np.zeros((20, 30, 3), np.uint8)
+    upright[:5, :5] = 255  # a marker in the top-left corner
+    stored = Image.fromarray(upright)
+    # The inverse of what a viewer does for each orientation: store the image as a camera would.
+    inverse = {
+        2: [Image.Transpose.FLIP_LEFT_RIGHT],
+        3: [Image.Transpose.ROTATE_180],
+        4: [Image.Transpose.FLIP_TOP_BOTTOM],
+        5: [Image.Transpose.TRANSPOSE],
+        6: [Image.Transpose.ROTATE_90],
+        7: [Image.Transpose.TRANSVERSE],
+        8: [Image.Transpose.ROTATE_270],
+    }
+    for step in inverse.get(orientation, []):
+        stored = stored.transpose(step)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    decoded = decode_image(_encode(stored, "PNG", exif=exif), 64, LIMIT)
+    assert decoded.pixels.shape == (20, 30, 3)
+    assert decoded.pixels[:5, :5].min() == 255 and decoded.pixels[-5:, -5:].max() == 0
+
+
+def test_modes_become_rgb():
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    palette.info["transparency"] = 1
+    assert tuple(decode_image(_encode(palette, "PNG"), 64, LIMIT).pixels[0, 0]) == (255, 255, 255)
+    half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
+    assert tuple(decode_image(_encode(half, "PNG"), 64, LIMIT).pixels[0, 0]) == (127, 127, 127)
+    gray16 = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    assert tuple(decode_image(_encode(gray16, "PNG"), 64, LIMIT).pixels[0, 0]) == (255, 255, 255)
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))
+    red = decode_image(_encode(cmyk, "JPEG", quality=95), 64, LIMIT).pixels[4, 4]
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60
+    gray = Image.new("L", (4, 4), 77)
+    assert tuple(decode_image(_encode(gray, "PNG"), 64, LIMIT).pixels[0, 0]) == (77, 77, 77)
+
+
+def test_resize_keeps_aspect_and_never_upscales():
+    data = _encode(Image.fromarray(_gradient(400, 100)), "PNG")
+    assert decode_image(data, 200, LIMIT).pixels.shape == (50, 200, 3)
+    assert decode_image(data, 1000, LIMIT).pixels.shape == (100, 400, 3)
+    tall = _encode(Image.new("RGB", (1, 3000)), "PNG")
+    assert decode_image(tall, 300, LIMIT).pixels.shape == (300, 1, 3)
+
+
+def test_decompression_bomb_is_refused_from_its_header():
+    bomb = _encode(Image.new("1", (20000, 20000)), "PNG")
+    assert len(bomb) < 100_000
+    with pytest.raises(DecodeError, match="20000x20000 = 400000000 pixels, over the limit"):
+        decode_image(bomb, 64, LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty file"),
+        (b"<html>not an image</html>", "cannot decode"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "cannot"),
+    ],
+)
+def test_bad_bytes_raise_a_clear_decode_error(data, message):
+    with pytest.raises(DecodeError, match=message):
+        decode_image(data, 64, LIMIT)
+
+
+def test_stage_marks_failures_and_keeps_every_row(photos):
+    good = photos[0].data
+    truncated = next(r for r in photos if r.key == "999-truncated").data
+    batch = {
+        "id": object_column(["a", "b", "c"]),
+        "image_bytes": object_column([good, truncated, good]),
+        "status": object_column(["ok", "ok", "error"]),
+        "error_stage": object_column(["", "", "read"]),
+        "error_message": object_column(["", "", "earlier"]),
+    }
+    out = DecodeStage(max_side=48).process(batch)
+    assert list(out["status"]) == ["ok", "error", "error"]
+    assert list(out["error_stage"]) == ["", "decode", "read"]
+    assert out["error_message"][2] == "earlier"
+    assert out["image"][0].shape[2] == 3 and max(out["image"][0].shape[:2]) == 48
+    assert out["image"][1].shape == (0, 0, 3)
+    assert out["sha256"][0] == hashlib.sha256(good).hexdigest()
+    assert out["width"][0] == 96 and out["width"][1] == -1
+    assert "image_bytes" not in out
