@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.core.batch import object_column
+from pipeline.core.schema import OUTPUT_SCHEMA
+from pipeline.readers.plan import Shard, ShardMember
+from pipeline.writers.manifest import commit_shard, read_entry
+from pipeline.writers.parquet import StagedPartWriter, finalize_shard
+
+NOW = datetime(2026, 11, 22, 7, 30, tzinfo=UTC)
+
+
+def _batch(shard_ids, statuses, first_key=0):
+    n = len(shard_ids)
+    return {
+        "id": object_column(f"{s}#{i + first_key}" for i, s in enumerate(shard_ids)),
+        "source_uri": object_column(["u"] * n),
+        "source_shard": object_column(shard_ids),
+        "source_key": object_column(map(str, range(n))),
+        "status": object_column(statuses),
+        "error_stage": object_column(["" if s == "ok" else "decode" for s in statuses]),
+        "error_message": object_column(["" if s == "ok" else "bad" for s in statuses]),
+        "caption": object_column([None] * n),
+        "width": np.array([10 if s == "ok" else -1 for s in statuses], np.int32),
+        "clip_score": np.array([0.5 if s == "ok" else np.nan for s in statuses], np.float32),
+        "tuner_model": object_column(["t@1" if s == "ok" else "" for s in statuses]),
+        "_shard_total": np.array([-1] * (n - 1) + [n], np.int64),
+        "_seconds_decode": np.full(n, 0.5),
+    }
+
+
+def test_staged_parts_per_shard_then_one_final_file_with_the_contract_schema(tmp_path):
+    writer = StagedPartWriter(str(tmp_path / "staging"), "run-1", NOW)
+    meta = writer(_batch(["b.tar", "a.tar", "b.tar"], ["ok", "ok", "error"]))
+    assert list(meta["shard_id"]) == ["a.tar", "b.tar"]
+    assert list(meta["rows"]) == [1, 2] and list(meta["shard_total"]) == [-1, 3]
+    assert meta["counts"][1] == '{"ok": 1, "error:decode": 1}'
+    assert meta["seconds"][1] == '{"decode": 1.0}'
+    parts = [str(meta["part_uri"][1]), str(writer(_batch(["b.tar"], ["ok"], first_key=3))["part_uri"][0])]
+    result = finalize_shard(parts, str(tmp_path / "dt=2026-11-22" / "b.parquet"), row_group_rows=2)
+    table = pq.read_table(tmp_path / "dt=2026-11-22" / "b.parquet")
+    assert result["rows"] == table.num_rows == 3
+    assert table.schema.equals(OUTPUT_SCHEMA)
+    assert table.column("id").to_pylist() == ["b.tar#0", "b.tar#2", "b.tar#3"]
+    assert table.column("width").to_pylist() == [10, None, 10]
+    assert table.column("clip_score").to_pylist() == [0.5, None, 0.5]
+    assert table.column("error_stage").to_pylist() == [None, "decode", None]
+    assert table.column("run_id").to_pylist() == ["run-1"] * 3
+    remaining = sorted(p.parent.name for p in (tmp_path / "staging").rglob("*.parquet"))
+    assert remaining == [str(meta["part_uri"][0]).split("/")[-2]]
+
+
+def test_commit_replaces_the_files_of_an_earlier_commit(tmp_path):
+    shard = Shard("a.tar", "tar", (ShardMember("s3://in/a.tar", 10, "etag-1"),))
+    old = tmp_path / "dt=2026-11-21" / f"{shard.output_name}.parquet"
+    old.parent.mkdir()
+    old.write_bytes(b"old")
+    commit_shard(str(tmp_path), shard, [f"dt=2026-11-21/{old.name}"], 3, {"ok": 3}, {}, "run-1")
+    new_name = f"dt=2026-11-22/{shard.output_name}.parquet"
+    entry = commit_shard(str(tmp_path), shard, [new_name], 3, {"ok": 3}, {"tuner_model": ["t"]}, "run-2")
+    assert not old.exists()
+    assert read_entry(str(tmp_path), shard) == entry
+    assert entry["input"]["fingerprint"] == shard.fingerprint and entry["files"] == [new_name]
