@@ -25,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     configure_logging()
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    try:
+        return module.main(argv[1:])
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        # Whole-run problems (bad config, missing model or input): one clear line, no traceback.
+        print(f"imagetune {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

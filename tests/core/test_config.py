@@ -36,3 +36,15 @@ def test_missing_tuner_model_explains_the_fix():
 def test_redacted_config_hides_credentials_in_uris():
     config = load_config(None, ["tune.model=random"], input="https://user:s3cret@host/in", output="b")
     assert "s3cret" not in str(config.redacted())
+
+
+def test_the_shipped_example_config_loads_with_the_documented_defaults():
+    from importlib.resources import files
+
+    from pipeline.core.config import JobConfig, RunnerConfig
+
+    example = files("pipeline") / "configs" / "example.yaml"
+    config = load_config(str(example))
+    defaults = load_config(None, [f"tune.model={config.tune.model}"], input=config.input, output=config.output)
+    assert config == defaults
+    assert isinstance(config, JobConfig) and config.runner == RunnerConfig()
