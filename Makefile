@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(VENV)/bin/imagetune demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check pipeline jobs tests
+	$(VENV)/bin/ruff format --check pipeline jobs tests
 
 test: lint
 	$(PY) -m pytest

@@ -16,12 +16,16 @@ class RunStats:
     stage_seconds: Counter = field(default_factory=Counter)
     models: dict[str, set[str]] = field(default_factory=dict)
 
-    def add(self, rows: int, outcomes: dict[str, int], seconds: dict[str, float], models: dict[str, list]) -> None:
-        self.rows += rows
+    def add_rows(self, outcomes: dict[str, int], models: dict[str, list[str]]) -> None:
+        """Rows of a committed shard, by outcome (``ok`` / ``error:<stage>``), and the models used."""
+        self.rows += sum(outcomes.values())
         self.outcomes.update(outcomes)
-        self.stage_seconds.update(seconds)
         for column, ids in models.items():
             self.models.setdefault(column, set()).update(ids)
+
+    def add_seconds(self, seconds: dict[str, float]) -> None:
+        """Stage seconds spent on one staged part."""
+        self.stage_seconds.update(seconds)
 
     def summary(self) -> dict[str, Any]:
         """Rows by status and error stage; per-stage seconds and images/s (of the stage's own time)."""

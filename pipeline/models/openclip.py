@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import open_clip
 import torch
+from open_clip.transformer import MultimodalTransformer
 from PIL import Image
 from torchvision import transforms
 
@@ -87,7 +88,7 @@ def load_open_clip(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-            fill_zero_matrices(model)
+            initialise_random_weights(model)
         model_id = f"open_clip:{name}/RANDOM-WEIGHTS(seed={seed})"
     else:
         local = _local_checkpoint(pretrained, cache_dir, allow_pickle)
@@ -115,17 +116,18 @@ def is_checkpoint_path(pretrained: str) -> bool:
     return "://" in pretrained or os.sep in pretrained or pretrained.endswith((".safetensors", *PICKLE_SUFFIXES))
 
 
-def fill_zero_matrices(model: torch.nn.Module) -> None:
-    """Give weight matrices that open_clip initialises to zero random values (std = fan_in^-1/2).
+def initialise_random_weights(model: torch.nn.Module) -> None:
+    """Initialise what open_clip leaves uninitialised in a model built without weights.
 
-    CoCa's ``text_decoder.text_projection`` starts at zero, so an untrained CoCa produces all-zero
-    logits: greedy generation becomes a uniform random draw (different on every actor) and beam
-    search a constant. Filled, random outputs are a deterministic function of the image.
+    CoCa's text decoder (``MultimodalTransformer``) never runs its ``init_parameters()``, which
+    would fail if it did (it refers to a ``self.transformer`` that does not exist), so its
+    ``text_projection`` stays ``torch.empty``: zeros in a fresh process, garbage later. Its logits
+    are then zero (greedy decoding becomes a random draw that differs between actors) or worse.
+    This applies the initialisation that method intends to the projection, under the caller's seed.
     """
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2 and not parameter.any():
-                parameter.normal_(0.0, parameter.shape[0] ** -0.5)
+    for module in model.modules():
+        if isinstance(module, MultimodalTransformer) and module.text_projection is not None:
+            torch.nn.init.normal_(module.text_projection, std=module.width**-0.5)
 
 
 def _local_checkpoint(pretrained: str, cache_dir: str, allow_pickle: bool):

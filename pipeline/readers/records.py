@@ -1,8 +1,9 @@
 """Records and the batches readers emit.
 
 Readers hand raw bytes on; decoding happens in its own stage, so one corrupt image never fails a
-shard. The last batch of a shard carries the shard's record count in ``_shard_total`` (``-1`` on
-the others), which lets the driver commit a shard as soon as all its rows are written.
+shard. Each row carries its ordinal within the shard (``_ordinal``) and the last batch carries the
+shard's record count (``_shard_total``, ``-1`` on the others): the driver commits a shard once it has
+seen every ordinal written, which stays right even if Ray re-executes a task and repeats rows.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def batch_records(records: Iterable[Record], shard: Shard, batch_rows: int) -> I
     seen: dict[str, int] = {}
     for record in records:
         if len(buffer) == batch_rows:
-            yield _to_batch(buffer, shard, total=-1)
+            yield _to_batch(buffer, shard, first=count - len(buffer), total=-1)
             buffer = []
         occurrences = seen.get(record.key, 0)
         seen[record.key] = occurrences + 1
@@ -65,10 +66,10 @@ def batch_records(records: Iterable[Record], shard: Shard, batch_rows: int) -> I
         buffer.append(record)
         count += 1
     if buffer:
-        yield _to_batch(buffer, shard, total=count)
+        yield _to_batch(buffer, shard, first=count - len(buffer), total=count)
 
 
-def _to_batch(records: list[Record], shard: Shard, total: int) -> Batch:
+def _to_batch(records: list[Record], shard: Shard, first: int, total: int) -> Batch:
     n = len(records)
     return {
         "id": object_column(record_id(shard.shard_id, r.key) for r in records),
@@ -80,5 +81,6 @@ def _to_batch(records: list[Record], shard: Shard, total: int) -> Batch:
         "status": object_column(ERROR if r.error else OK for r in records),
         "error_stage": object_column(READ_STAGE if r.error else "" for r in records),
         "error_message": object_column(r.error[:MAX_ERROR_CHARS] for r in records),
+        "_ordinal": np.arange(first, first + n, dtype=np.int64),
         "_shard_total": np.full(n, total, dtype=np.int64),
     }

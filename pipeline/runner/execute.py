@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -50,15 +49,14 @@ class RunOutcome:
 @dataclass
 class _ShardProgress:
     parts: list[str] = field(default_factory=list)
-    rows: int = 0
+    ordinals: set[int] = field(default_factory=set)
     total: int = -1
-    counts: Counter = field(default_factory=Counter)
     models: dict[str, set] = field(default_factory=dict)
     finalizing: bool = False
 
     @property
     def complete(self) -> bool:
-        return self.total >= 0 and self.rows == self.total
+        return self.total >= 0 and len(self.ordinals) == self.total
 
 
 class _ShardCommitter:
@@ -77,14 +75,12 @@ class _ShardCommitter:
     def add_part(self, meta: dict) -> None:
         """Account for one staged part; start finalizing its shard once all rows are staged."""
         state = self.progress[meta["shard_id"]]
-        counts = json.loads(meta["counts"])
         state.parts.append(meta["part_uri"])
-        state.rows += int(meta["rows"])
+        state.ordinals.update(json.loads(meta["ordinals"]))
         state.total = max(state.total, int(meta["shard_total"]))
-        state.counts.update(counts)
         for column, ids in json.loads(meta["models"]).items():
             state.models.setdefault(column, set()).update(ids)
-        self.outcome.stats.add(int(meta["rows"]), counts, json.loads(meta["seconds"]), {})
+        self.outcome.stats.add_seconds(json.loads(meta["seconds"]))
         if state.complete:
             self._start(meta["shard_id"])
         self.collect(block=False)
@@ -97,7 +93,7 @@ class _ShardCommitter:
             if state.parts:
                 self._start(shard_id)
             else:
-                self._commit(shard_id, [])
+                self._commit(shard_id, [], {})
         self.collect(block=True)
         return self.outcome
 
@@ -119,29 +115,21 @@ class _ShardCommitter:
         for ref in ready:
             shard_id = self.pending.pop(ref)
             try:
-                ray.get(ref)
+                written = ray.get(ref)
             except Exception as error:  # one shard's failure is reported; the run goes on
                 logger.error("shard %s failed to finalize: %s", shard_id, error)
                 self.outcome.failed[shard_id] = f"finalize: {type(error).__name__}: {error}"[:500]
                 continue
-            self._commit(shard_id, [self._file(shard_id)])
+            self._commit(shard_id, [self._file(shard_id)], written["counts"])
 
-    def _commit(self, shard_id: str, files: list[str]) -> None:
+    def _commit(self, shard_id: str, files: list[str], counts: dict[str, int]) -> None:
         state = self.progress[shard_id]
         models = {column: sorted(ids) for column, ids in state.models.items()}
-        commit_shard(
-            self.config.output,
-            self.shards[shard_id],
-            files,
-            state.rows,
-            dict(state.counts),
-            models,
-            self.run_id,
-        )
+        rows = sum(counts.values())
+        commit_shard(self.config.output, self.shards[shard_id], files, rows, counts, models, self.run_id)
         self.outcome.committed.append(shard_id)
-        for column, ids in models.items():
-            self.outcome.stats.models.setdefault(column, set()).update(ids)
-        logger.info("committed shard %s (%d rows)", shard_id, state.rows)
+        self.outcome.stats.add_rows(counts, models)
+        logger.info("committed shard %s (%d rows)", shard_id, rows)
 
 
 def init_ray(address: str | None) -> None:

@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,7 @@ class StagedPartWriter:
         table = to_output_table(batch, self.run_id, self.processed_at)
         shards = np.asarray(batch["source_shard"], dtype=object)
         totals = np.asarray(batch["_shard_total"])
+        ordinals = np.asarray(batch["_ordinal"])
         timings = {k[len(SECONDS_PREFIX) :]: np.asarray(v) for k, v in batch.items() if k.startswith(SECONDS_PREFIX)}
         rows: list[dict] = []
         for shard_id in sorted(set(shards)):
@@ -54,6 +56,7 @@ class StagedPartWriter:
                     "shard_id": shard_id,
                     "part_uri": uri,
                     "rows": int(mask.sum()),
+                    "ordinals": json.dumps(ordinals[mask].tolist()),
                     "shard_total": int(totals[mask].max()),
                     "counts": json.dumps(_counts(part)),
                     "seconds": json.dumps({k: float(v[mask].sum()) for k, v in timings.items()}),
@@ -66,7 +69,7 @@ class StagedPartWriter:
             name: object_column(r[name] for r in rows)
             if name not in ("rows", "shard_total")
             else np.array([r[name] for r in rows], dtype=np.int64)
-            for name in ("shard_id", "part_uri", "rows", "shard_total", "counts", "seconds", "models")
+            for name in ("shard_id", "part_uri", "rows", "ordinals", "shard_total", "counts", "seconds", "models")
         }
 
 
@@ -87,40 +90,47 @@ def write_table(table: pa.Table, uri: str, compression: str, row_group_rows: int
 
 def finalize_shard(
     part_uris: list[str], final_uri: str, compression: str = "zstd", row_group_rows: int = 1024
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Stream staged parts into ``final_uri`` with row groups of ``row_group_rows``; delete the parts.
 
-    Memory holds one row group, whatever the shard's size. Rows are ordered by ``id`` within each
-    row group so files are stable to compare and friendly to min/max statistics.
+    Memory holds one row group (plus the ids seen), whatever the shard's size. A row whose id was
+    already written is dropped: a task that Ray re-executed after a failure can stage a row twice.
+    Rows are ordered by ``id`` within each row group, friendly to min/max statistics.
     """
     fs, path = storage.filesystem(final_uri)
     fs.makedirs(fs._parent(path), exist_ok=True)
-    rows = 0
+    counts: Counter = Counter()
     with (
         fs.open(path, "wb") as handle,
         pq.ParquetWriter(handle, OUTPUT_SCHEMA, compression=compression) as writer,
     ):
         pending: list[pa.Table] = []
         pending_rows = 0
+        seen: set[str] = set()
         for uri in part_uris:
             part_fs, part_path = storage.filesystem(uri)
             with part_fs.open(part_path, "rb") as part:
                 table = pq.read_table(part, schema=OUTPUT_SCHEMA)
+            ids = table.column("id").to_pylist()
+            keep = [i not in seen for i in ids]
+            seen.update(ids)
+            if not all(keep):
+                table = table.filter(pa.array(keep))
             pending.append(table)
             pending_rows += table.num_rows
             if pending_rows >= row_group_rows:
-                rows += _flush(writer, pending)
+                counts.update(_flush(writer, pending))
                 pending, pending_rows = [], 0
         if pending:
-            rows += _flush(writer, pending)
+            counts.update(_flush(writer, pending))
     for uri in part_uris:
         part_fs, part_path = storage.filesystem(uri)
         part_fs.rm_file(part_path)
-    return {"rows": rows, "bytes": int(fs.info(path).get("size") or 0)}
+    return {"rows": sum(counts.values()), "counts": dict(counts), "bytes": int(fs.info(path).get("size") or 0)}
 
 
-def _flush(writer: pq.ParquetWriter, tables: list[pa.Table]) -> int:
+def _flush(writer: pq.ParquetWriter, tables: list[pa.Table]) -> dict[str, int]:
     table = pa.concat_tables(tables)
     table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
     writer.write_table(table, row_group_size=max(table.num_rows, 1))
-    return table.num_rows
+    return _counts(table)

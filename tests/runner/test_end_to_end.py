@@ -20,7 +20,7 @@ from pipeline.runner.job import run_batch_job
 from pipeline.sample import write_webdataset
 from pipeline.stages.caption import decode_tokens
 from pipeline.stages.decode import decode_image
-from tests.conftest import BUCKET, TINY_CLIP, TINY_COCA, sharpened_checkpoint
+from tests.conftest import BUCKET, TINY_CLIP, TINY_COCA, reference_threads, sharpened_checkpoint
 
 MAX_SIDE = 80
 SEQ_LEN = 10
@@ -92,7 +92,7 @@ def _query(s3, sql: str):
     connection = duckdb.connect()
     connection.register_filesystem(s3)
     glob = f"s3://{BUCKET}/output/dt=*/*.parquet"
-    return connection.execute(sql.replace("OUTPUT", f"read_parquet('{glob}', hive_partitioning=true)"))
+    return connection.sql(sql.replace("OUTPUT", f"read_parquet('{glob}', hive_partitioning=true)"))
 
 
 def test_every_input_format_to_parquet_on_s3_with_one_row_per_record(ray_cluster, s3, dataset, models, tmp_path):
@@ -128,7 +128,14 @@ def _assert_rows_match_reference_models(rows, dataset, models):
     clip, _, clip_preprocess = open_clip.create_model_and_transforms("tiny-clip", pretrained=str(models["clip"]))
     coca, _, coca_preprocess = open_clip.create_model_and_transforms("tiny-coca", pretrained=str(models["coca"]))
     tokenizer = open_clip.get_tokenizer("tiny-clip")
-    torch.set_grad_enabled(False)
+    with reference_threads():
+        captions = _compare_rows(
+            rows, dataset, tuner, tuner_id, clip, clip_preprocess, coca, coca_preprocess, tokenizer
+        )
+    assert len(captions) > 10, "captions must differ between images for this check to mean anything"
+
+
+def _compare_rows(rows, dataset, tuner, tuner_id, clip, clip_preprocess, coca, coca_preprocess, tokenizer):
     captions = set()
     for row in (r for r in rows if r["status"] == "ok"):
         source = decode_image(dataset[row["id"]].data, MAX_SIDE, 10**8).pixels
@@ -148,8 +155,7 @@ def _assert_rows_match_reference_models(rows, dataset, models):
         tokens = coca.generate(coca_preprocess(image)[None], seq_len=SEQ_LEN, generation_type="top_k")
         assert row["generated_caption"] == decode_tokens(tokenizer, tokens)[0], row["id"]
         captions.add(row["generated_caption"])
-    torch.set_grad_enabled(True)
-    assert len(captions) > 10, "captions must differ between images for this check to mean anything"
+    return captions
 
 
 def test_rerun_replaces_rows_instead_of_duplicating_them(ray_cluster, s3, dataset, models, tmp_path):
@@ -157,9 +163,9 @@ def test_rerun_replaces_rows_instead_of_duplicating_them(ray_cluster, s3, datase
     second = run_batch_job(
         _config(tmp_path, "caption.enabled=false", "runner.model_pools=separate", "runner.model_num_cpus=0.5")
     )
-    count, distinct, runs = _query(
+    ((count, distinct, runs),) = _query(
         s3, "SELECT count(*), count(DISTINCT id), list(DISTINCT run_id) FROM OUTPUT"
-    ).fetchone()
+    ).fetchall()
     assert (count, distinct) == (len(dataset), len(dataset))
     assert runs == [second.summary["run_id"]] != [first.summary["run_id"]]
     assert second.summary["stages"].keys() == {"read", "decode", "tune", "score", "encode"}

@@ -12,7 +12,7 @@ from pipeline.core.batch import object_column
 from pipeline.stages.caption import CaptionStage, decode_tokens
 from pipeline.stages.decode import decode_image
 from pipeline.stages.score import ClipScoreStage
-from tests.conftest import TINY_CLIP, TINY_COCA, sharpened_checkpoint
+from tests.conftest import TINY_CLIP, TINY_COCA, reference_threads, sharpened_checkpoint
 
 
 def _reference(config: str, checkpoint):
@@ -49,15 +49,15 @@ def test_captions_equal_open_clip_generate_per_image(tmp_path, images, generatio
     stage.setup()
     status = ["ok"] * len(images)
     status[2] = "error"
-    out = stage.process(_batch(images, [None] * len(images), status))
     model, preprocess, tokenizer = _reference(TINY_COCA, checkpoint)
     expected = []
-    for image in images:
-        with torch.no_grad():
+    with reference_threads():
+        out = stage.process(_batch(images, [None] * len(images), status))
+        for image in images:
             tokens = model.generate(
                 preprocess(Image.fromarray(image)).unsqueeze(0), seq_len=12, generation_type=generation_type
             )
-        expected.append(decode_tokens(tokenizer, tokens)[0])
+            expected.append(decode_tokens(tokenizer, tokens)[0])
     assert out["generated_caption"][2] == "" and out["caption_model"][2] == ""
     for i in (0, 1, 3, 4, 5, 6, 7):
         assert out["generated_caption"][i] == expected[i]
@@ -77,12 +77,13 @@ def test_scores_equal_open_clip_cosine_and_are_null_without_text(tmp_path, image
     batch["generated_caption"] = object_column(generated)
     out = stage.process(batch)
     model, preprocess, tokenizer = _reference(TINY_CLIP, checkpoint)
-    torch.set_grad_enabled(False)
-    pixels = torch.stack([preprocess(Image.fromarray(image)) for image in images])
-    image_features = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.fromarray(image)) for image in images])
+        image_features = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
 
     def cosine(i: int, text: str) -> float:
-        text_features = torch.nn.functional.normalize(model.encode_text(tokenizer([text])), dim=-1)
+        with torch.no_grad():
+            text_features = torch.nn.functional.normalize(model.encode_text(tokenizer([text])), dim=-1)
         return float((image_features[i] * text_features[0]).sum())
 
     for i in range(7):
@@ -92,7 +93,6 @@ def test_scores_equal_open_clip_cosine_and_are_null_without_text(tmp_path, image
             else:
                 assert np.isnan(out[column][i])
         assert np.allclose(out["image_embedding"][i], image_features[i].numpy(), atol=1e-5)
-    torch.set_grad_enabled(True)
     assert np.isnan(out["clip_score"][7]) and len(out["image_embedding"][7]) == 0 and out["clip_model"][7] == ""
     scores = out["clip_score"][[0, 3, 4, 5, 6]]
     assert np.std(scores) > 1e-3, "scores must differ per row to prove alignment"

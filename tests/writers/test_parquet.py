@@ -28,6 +28,7 @@ def _batch(shard_ids, statuses, first_key=0):
         "width": np.array([10 if s == "ok" else -1 for s in statuses], np.int32),
         "clip_score": np.array([0.5 if s == "ok" else np.nan for s in statuses], np.float32),
         "tuner_model": object_column(["t@1" if s == "ok" else "" for s in statuses]),
+        "_ordinal": np.arange(first_key, first_key + n, dtype=np.int64),
         "_shard_total": np.array([-1] * (n - 1) + [n], np.int64),
         "_seconds_decode": np.full(n, 0.5),
     }
@@ -38,12 +39,16 @@ def test_staged_parts_per_shard_then_one_final_file_with_the_contract_schema(tmp
     meta = writer(_batch(["b.tar", "a.tar", "b.tar"], ["ok", "ok", "error"]))
     assert list(meta["shard_id"]) == ["a.tar", "b.tar"]
     assert list(meta["rows"]) == [1, 2] and list(meta["shard_total"]) == [-1, 3]
+    assert list(meta["ordinals"]) == ["[1]", "[0, 2]"]
     assert meta["counts"][1] == '{"ok": 1, "error:decode": 1}'
     assert meta["seconds"][1] == '{"decode": 1.0}'
     parts = [str(meta["part_uri"][1]), str(writer(_batch(["b.tar"], ["ok"], first_key=3))["part_uri"][0])]
+    # A task re-executed by Ray stages its rows again; the final file keeps each id once.
+    parts.append(str(writer(_batch(["b.tar"], ["ok"], first_key=3))["part_uri"][0]))
     result = finalize_shard(parts, str(tmp_path / "dt=2026-11-22" / "b.parquet"), row_group_rows=2)
     table = pq.read_table(tmp_path / "dt=2026-11-22" / "b.parquet")
     assert result["rows"] == table.num_rows == 3
+    assert result["counts"] == {"ok": 2, "error:decode": 1}
     assert table.schema.equals(OUTPUT_SCHEMA)
     assert table.column("id").to_pylist() == ["b.tar#0", "b.tar#2", "b.tar#3"]
     assert table.column("width").to_pylist() == [10, None, 10]
