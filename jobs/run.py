@@ -1,4 +1,4 @@
-"""The batch job: ``imagetune run`` / ``python -m jobs.run``."""
+"""The batch job: ``imagetune run`` / ``python -m jobs.run``. Processes every shard under --input."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import argparse
 import json
 import sys
 
-from pipeline.core.config import load_config
-from pipeline.runner.job import run_batch_job
+from pipeline.core.config import JobConfig, load_config
+from pipeline.runner.job import RunMode, RunReport, run_batch_job
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagetune run", description=__doc__)
+def job_arguments(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The arguments every pipeline job takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--input", help="input URI: s3://bucket/prefix/, a local path, file://...")
     parser.add_argument("--output", help="output URI for Parquet, _manifest/ and _runs/")
     parser.add_argument("--config", help="job YAML; command-line values override it")
@@ -20,14 +21,25 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_from(args: argparse.Namespace) -> JobConfig:
+    return load_config(args.config, args.set, input=args.input, output=args.output)
+
+
+def report(result: RunReport) -> int:
+    """Print the outcome; exit code 1 when any shard failed (they are listed), else 0."""
+    summary = result.summary
+    keys = ("run_id", "shards_listed", "shards_unchanged", "shards_planned", "shards_committed", "rows", "rows_ok")
+    print(json.dumps({key: summary[key] for key in keys}))
+    for shard_id, error in summary["shards_failed"].items():
+        print(f"FAILED shard {shard_id}: {error}", file=sys.stderr)
+    if result.uri:
+        print(f"run summary: {result.uri}")
+    return 0 if result.succeeded else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    config = load_config(args.config, args.set, input=args.input, output=args.output)
-    report = run_batch_job(config, args.run_id)
-    summary = report.summary
-    print(json.dumps({k: summary[k] for k in ("run_id", "rows", "rows_ok", "rows_error", "shards_failed")}))
-    print(f"run summary: {report.uri}")
-    return 0 if report.succeeded else 1
+    args = job_arguments("imagetune run", __doc__).parse_args(argv)
+    return report(run_batch_job(config_from(args), args.run_id, RunMode(full=True)))
 
 
 if __name__ == "__main__":

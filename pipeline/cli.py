@@ -6,8 +6,11 @@ import importlib
 import logging
 import sys
 
+from pipeline.writers.lock import OutputLockedError
+
 COMMANDS = {
     "run": ("jobs.run", "process every shard under --input into --output"),
+    "refresh": ("jobs.refresh", "process only new or changed shards (the nightly job)"),
     "demo": ("jobs.demo", "build a sample dataset and run the whole pipeline on it locally"),
 }
 
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[argv[0]][0])
     try:
         return module.main(argv[1:])
-    except (ValueError, FileNotFoundError, PermissionError) as error:
+    except (ValueError, FileNotFoundError, PermissionError, OutputLockedError) as error:
         # Whole-run problems (bad config, missing model or input): one clear line, no traceback.
         print(f"imagetune {argv[0]}: error: {error}", file=sys.stderr)
         return 2

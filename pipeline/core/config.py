@@ -116,6 +116,7 @@ class RunnerConfig:
     caption_num_gpus: float = 0.5
     clip_num_gpus: float = 0.25
     progress_bars: bool | None = None
+    lock_ttl_seconds: float = 600.0
     checkpoint_cache: str = "~/.cache/imagetune/checkpoints"
 
 

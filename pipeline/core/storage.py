@@ -82,3 +82,24 @@ def read_json(uri: str) -> Any:
 def worker_env() -> dict[str, str]:
     """The storage settings of this process that Ray workers should see too."""
     return {name: os.environ[name] for name in WORKER_ENV_VARS if os.environ.get(name)}
+
+
+def create_exclusive(uri: str, data: bytes) -> None:
+    """Create ``uri`` holding ``data`` only if it does not exist; ``FileExistsError`` otherwise.
+
+    Atomic on S3 (a conditional PUT, ``If-None-Match: *``) and on local filesystems (``O_EXCL``).
+    """
+    fs, path = filesystem(uri)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        return
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except OSError as error:
+        if "PreconditionFailed" in str(error) or "412" in str(error) or isinstance(error, FileExistsError):
+            raise FileExistsError(uri) from error
+        raise

@@ -15,13 +15,15 @@ from pipeline.core import storage
 from pipeline.core.config import RANDOM, JobConfig
 from pipeline.models.checkpoints import locate_checkpoint
 from pipeline.models.openclip import is_checkpoint_path, register_model_config
-from pipeline.readers.plan import plan_shards
-from pipeline.runner.execute import PipelineStages, init_ray, run_stages
+from pipeline.readers.plan import Shard, plan_shards
+from pipeline.runner.execute import PipelineStages, RunOutcome, init_ray, run_stages
 from pipeline.stages.caption import CaptionStage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.score import ClipScoreStage
 from pipeline.stages.tune import TuneStage
+from pipeline.writers.lock import OutputLock
+from pipeline.writers.manifest import collect_garbage, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +32,10 @@ RUNS_DIR = "_runs"
 
 @dataclass
 class RunReport:
-    """The run summary as written to ``_runs/<run_id>.json``, and where."""
+    """The run summary as written to ``_runs/<run_id>.json``, and where (``None`` for a dry run)."""
 
     summary: dict[str, Any]
-    uri: str
+    uri: str | None
 
     @property
     def succeeded(self) -> bool:
@@ -112,32 +114,86 @@ def preflight(config: JobConfig) -> None:
             raise ValueError(f"{pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {tags})")
 
 
-def run_batch_job(config: JobConfig, run_id: str | None = None) -> RunReport:
-    """Process every shard under ``config.input`` into ``config.output`` and write the run summary."""
+@dataclass(frozen=True)
+class RunMode:
+    """Which planned shards a run processes.
+
+    ``full``: every shard (``imagetune run``); otherwise only shards that are new or changed since
+    their last commit (``imagetune refresh``). ``limit`` caps the shards of one run; ``dry_run``
+    plans and reports without writing anything.
+    """
+
+    full: bool = True
+    limit: int | None = None
+    dry_run: bool = False
+
+
+def select_shards(shards: list[Shard], manifest: dict[str, dict], mode: RunMode) -> tuple[list[Shard], int]:
+    """The shards to process, and how many were skipped as unchanged (same path, size, ETag/mtime)."""
+    changed = [
+        shard
+        for shard in shards
+        if mode.full or manifest.get(shard.shard_id, {}).get("input", {}).get("fingerprint") != shard.fingerprint
+    ]
+    return (changed[: mode.limit] if mode.limit else changed), len(shards) - len(changed)
+
+
+def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | None = None) -> RunReport:
+    """Process the shards of ``config.input`` that ``mode`` selects and write the run summary.
+
+    Holds the output's lock for the whole run. Before any work, files no commit owns (left by a run
+    that was killed) are removed, so every input record ends up in the output exactly once.
+    """
+    mode = mode or RunMode()
     started = datetime.now(UTC)
     clock = time.perf_counter()
     run_id = run_id or new_run_id(started)
     preflight(config)
     shards = plan_shards(config.input, config.read.files_per_shard)
-    logger.info("run %s: %d shards under %s", run_id, len(shards), storage.redact_uri(config.input))
-    init_ray(config.runner.address)
-    outcome = run_stages(config, shards, build_stages(config), run_id, started)
+    if mode.dry_run:
+        todo, skipped = select_shards(shards, read_manifest(config.output), mode)
+        return RunReport(_summary(config, run_id, started, clock, shards, todo, skipped, None, mode), None)
+    with OutputLock(config.output, run_id, config.runner.lock_ttl_seconds):
+        manifest = read_manifest(config.output)
+        collect_garbage(config.output, manifest, run_id)
+        todo, skipped = select_shards(shards, manifest, mode)
+        logger.info("run %s: %d of %d shards to process, %d unchanged", run_id, len(todo), len(shards), skipped)
+        outcome = None
+        if todo:
+            init_ray(config.runner.address)
+            outcome = run_stages(config, todo, build_stages(config), run_id, started)
+        summary = _summary(config, run_id, started, clock, shards, todo, skipped, outcome, mode)
+        uri = storage.join(config.output, RUNS_DIR, f"{run_id}.json")
+        storage.write_json(uri, summary)
+    logger.info(
+        "run %s: %d rows (%d ok) in %.1fs; summary %s",
+        run_id,
+        summary["rows"],
+        summary["rows_ok"],
+        summary["wall_seconds"],
+        uri,
+    )
+    return RunReport(summary, uri)
+
+
+def _summary(config, run_id, started, clock, shards, todo, skipped, outcome: RunOutcome | None, mode) -> dict:
     wall = time.perf_counter() - clock
-    summary = {
+    outcome = outcome or RunOutcome()
+    return {
         "run_id": run_id,
         "started_at": started.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
         "wall_seconds": round(wall, 3),
         "input": storage.redact_uri(config.input),
         "output": storage.redact_uri(config.output),
-        "shards_planned": len(shards),
+        "mode": {"full": mode.full, "limit": mode.limit, "dry_run": mode.dry_run},
+        "shards_listed": len(shards),
+        "shards_unchanged": skipped,
+        "shards_planned": len(todo),
+        "planned": [shard.shard_id for shard in todo] if mode.dry_run else None,
         "shards_committed": len(outcome.committed),
         "shards_failed": outcome.failed,
         **outcome.stats.summary(),
         "rows_per_second": round(outcome.stats.rows / wall, 3) if wall else None,
         "config": config.redacted(),
     }
-    uri = storage.join(config.output, RUNS_DIR, f"{run_id}.json")
-    storage.write_json(uri, summary)
-    logger.info("run %s: %d rows (%d ok) in %.1fs; summary %s", run_id, summary["rows"], summary["rows_ok"], wall, uri)
-    return RunReport(summary, uri)

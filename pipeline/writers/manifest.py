@@ -7,6 +7,7 @@ planning), the output files, row counts and the models that produced them.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -64,3 +65,38 @@ def commit_shard(
             logger.info("removing %s, replaced by run %s", stale, run_id)
             fs.rm_file(path)
     return entry
+
+
+def read_manifest(output: str) -> dict[str, dict[str, Any]]:
+    """Every committed entry keyed by shard id, read once per run (one listing, concurrent GETs)."""
+    fs, path = storage.filesystem(storage.join(output, MANIFEST_DIR))
+    try:
+        paths = [p for p in fs.find(path) if p.endswith(".json")]
+    except FileNotFoundError:
+        return {}
+    entries = {}
+    for raw in (fs.cat(paths) if paths else {}).values():
+        entry = json.loads(raw)
+        entries[entry["shard_id"]] = entry
+    return entries
+
+
+def collect_garbage(output: str, manifest: dict[str, dict[str, Any]], run_id: str) -> list[str]:
+    """Delete what no commit owns: data files and other runs' staging. Call only under the output lock.
+
+    A run killed between a shard's finalize and its commit leaves a complete data file that no
+    manifest entry names; glob readers would count its rows twice once the shard is committed again
+    elsewhere (for example under a later ``dt=``). Returns the removed data files.
+    """
+    fs, root = storage.filesystem(output)
+    referenced = {name for entry in manifest.values() for name in entry.get("files", [])}
+    orphans = [p for p in fs.glob(f"{root}/dt=*/*.parquet") if p[len(root) :].lstrip("/") not in referenced]
+    for path in orphans:
+        logger.warning("removing %s: written by a run that stopped before committing it", path)
+        fs.rm_file(path)
+    staging = f"{root}/_staging"
+    if fs.exists(staging):
+        for path in fs.ls(staging, detail=False):
+            if path.rstrip("/").rsplit("/", 1)[-1] != run_id:
+                fs.rm(path, recursive=True)
+    return orphans

@@ -1,0 +1,119 @@
+"""One run at a time per output: a lease object ``_lock.json`` with an expiry a heartbeat extends.
+
+Two runs writing one output would interleave commits and garbage-collect each other's files, so a
+second run is refused with a clear error. The lease is created with an exclusive write; a holder
+that stopped heartbeating (its expiry passed), or a dead process on this same host, loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pipeline.core import storage
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "_lock.json"
+
+
+class OutputLockedError(RuntimeError):
+    """Another run holds the output."""
+
+
+class OutputLock:
+    """Context manager holding the lease on ``output`` for ``run_id``."""
+
+    def __init__(self, output: str, run_id: str, ttl_seconds: float = 600.0) -> None:
+        self.uri = storage.join(output, LOCK_FILE)
+        self.run_id = run_id
+        self.ttl = timedelta(seconds=ttl_seconds)
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def _payload(self) -> bytes:
+        now = datetime.now(UTC)
+        lease = {
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "acquired_at": now.isoformat(),
+            "expires_at": (now + self.ttl).isoformat(),
+        }
+        return json.dumps(lease).encode()
+
+    def acquire(self) -> None:
+        """Take the lease, or raise ``OutputLockedError`` naming the run that holds it."""
+        try:
+            storage.create_exclusive(self.uri, self._payload())
+        except FileExistsError:
+            holder = self._read()
+            if holder is not None and not _is_stale(holder):
+                raise OutputLockedError(
+                    f"output {storage.redact_uri(self.uri.rsplit('/', 1)[0])} is being written by run "
+                    f"{holder.get('run_id')} on {holder.get('host')} (pid {holder.get('pid')}) until "
+                    f"{holder.get('expires_at')}; wait for it to finish, or delete {LOCK_FILE} if that run is gone"
+                ) from None
+            logger.warning("taking over the stale lease of run %s", (holder or {}).get("run_id"))
+            fs, path = storage.filesystem(self.uri)
+            fs.rm_file(path)
+            storage.create_exclusive(self.uri, self._payload())
+        self._heartbeat = threading.Thread(target=self._renew, name="output-lock-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _renew(self) -> None:
+        interval = self.ttl.total_seconds() / 3
+        while not self._stop.wait(interval):
+            holder = self._read()
+            if holder is None or holder.get("run_id") != self.run_id:
+                logger.error("lost the output lease to run %s", (holder or {}).get("run_id"))
+                return
+            fs, path = storage.filesystem(self.uri)
+            fs.pipe_file(path, self._payload())
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease if it is still ours."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        holder = self._read()
+        if holder is not None and holder.get("run_id") == self.run_id:
+            fs, path = storage.filesystem(self.uri)
+            fs.rm_file(path)
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return storage.read_json(self.uri)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+
+
+def _is_stale(holder: dict[str, Any]) -> bool:
+    """Expired, unreadable, or held by a process of this host that no longer exists."""
+    try:
+        if datetime.fromisoformat(holder["expires_at"]) < datetime.now(UTC):
+            return True
+    except (KeyError, ValueError):
+        return True
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError):
+            return False
+    return False

@@ -1,0 +1,123 @@
+"""Incremental refresh on a growing dataset in S3, and one run at a time per output."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pytest
+
+from jobs.refresh import main as refresh_main
+from pipeline.core.config import load_config
+from pipeline.runner.job import RunMode, run_batch_job
+from pipeline.sample import SampleRecord, write_webdataset
+from pipeline.writers.lock import OutputLock, OutputLockedError
+from tests.conftest import BUCKET, TINY_CLIP, TINY_COCA
+
+INPUT, OUTPUT = f"s3://{BUCKET}/input/", f"s3://{BUCKET}/output/"
+FAST = [
+    "tune.model=random",
+    f"caption.model={TINY_COCA}",
+    "caption.pretrained=random",
+    "caption.generation_type=top_k",
+    "caption.seq_len=8",
+    f"clip.model={TINY_CLIP}",
+    "clip.pretrained=random",
+    "decode.max_side=64",
+    "runner.model_memory_gb=0.5",
+]
+
+
+def upload_shards(s3, tmp_path, records: list[SampleRecord], names: list[str]) -> None:
+    """One tar shard per name, ``len(records) // len(names)`` records each."""
+    size = len(records) // len(names)
+    for index, name in enumerate(names):
+        (path,) = write_webdataset(records[index * size : (index + 1) * size], tmp_path / name, shard_size=size)
+        s3.put(str(path), f"{BUCKET}/input/{name}.tar")
+
+
+def rows(s3) -> list[tuple]:
+    connection = duckdb.connect()
+    connection.register_filesystem(s3)
+    glob = f"s3://{BUCKET}/output/dt=*/*.parquet"
+    return connection.sql(f"SELECT id, caption, run_id FROM read_parquet('{glob}') ORDER BY id").fetchall()
+
+
+def refresh(*extra: str) -> dict:
+    config = load_config(None, FAST, input=INPUT, output=OUTPUT)
+    full = "--full" in extra
+    return run_batch_job(config, mode=RunMode(full=full)).summary
+
+
+def test_refresh_processes_only_new_and_changed_shards(ray_cluster, s3, photos, tmp_path):
+    clean = [r for r in photos if r.key != "999-truncated"]
+    upload_shards(s3, tmp_path / "day1", clean[:6], ["a", "b"])
+    first = refresh()
+    assert (first["shards_planned"], first["shards_committed"], first["rows"]) == (2, 2, 6)
+
+    changed = [SampleRecord(r.key, r.data, r.extension, "new caption") for r in clean[:3]]
+    upload_shards(s3, tmp_path / "day2", changed, ["a"])
+    upload_shards(s3, tmp_path / "day2", clean[6:9], ["c"])
+    second = refresh()
+    assert (second["shards_listed"], second["shards_unchanged"], second["shards_planned"]) == (3, 1, 2)
+
+    got = rows(s3)
+    assert len(got) == len({r[0] for r in got}) == 9
+    by_id = {r[0]: r for r in got}
+    assert {by_id[f"a.tar#{r.key}"][1] for r in clean[:3]} == {"new caption"}
+    assert {by_id[f"b.tar#{r.key}"][2] for r in clean[3:6]} == {first["run_id"]}
+    assert {by_id[f"c.tar#{r.key}"][2] for r in clean[6:9]} == {second["run_id"]}
+
+    third = refresh()
+    assert (third["shards_planned"], third["rows"], third["shards_unchanged"]) == (0, 0, 3)
+    assert json.loads(s3.cat(f"{BUCKET}/output/_runs/{third['run_id']}.json"))["shards_planned"] == 0
+    assert len(rows(s3)) == 9
+
+
+def test_dry_run_writes_nothing_and_limit_caps_a_run(ray_cluster, s3, photos, tmp_path, capsys):
+    upload_shards(s3, tmp_path, photos[:6], ["a", "b", "c"])
+    args = ["--input", INPUT, "--output", OUTPUT, *[f"--set={item}" for item in FAST]]
+    assert refresh_main([*args, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {
+        "planned": ["a.tar", "b.tar", "c.tar"],
+        "unchanged": 0,
+    }
+    assert not s3.exists(f"{BUCKET}/output")
+    assert refresh_main([*args, "--limit", "1"]) == 0
+    assert {r[0].split("#")[0] for r in rows(s3)} == {"a.tar"}
+    assert refresh_main([*args, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"planned": ["b.tar", "c.tar"], "unchanged": 1}
+
+
+def test_a_second_run_on_the_same_output_is_refused(s3, photos, tmp_path, capsys):
+    upload_shards(s3, tmp_path, photos[:2], ["a"])
+    with OutputLock(OUTPUT, "other-run"):
+        with pytest.raises(OutputLockedError, match="being written by run other-run"):
+            refresh()
+        args = ["refresh", "--input", INPUT, "--output", OUTPUT, *[f"--set={item}" for item in FAST]]
+        from pipeline.cli import main
+
+        assert main(args) == 2
+        assert "is being written by run other-run" in capsys.readouterr().err
+    assert not s3.exists(f"{BUCKET}/output/_lock.json")
+
+
+def test_a_lease_expires_or_dies_with_its_process(s3):
+    stale = OutputLock(OUTPUT, "expired", ttl_seconds=-1)
+    stale.acquire()
+    stale._stop.set()
+    with OutputLock(OUTPUT, "next") as lock:
+        assert json.loads(s3.cat(lock.uri.removeprefix("s3://")))["run_id"] == "next"
+    s3.pipe(
+        f"{BUCKET}/output/_lock.json",
+        json.dumps(
+            {
+                "run_id": "dead",
+                "host": __import__("socket").gethostname(),
+                "pid": 2**22 + 7,
+                "expires_at": "2999-01-01T00:00:00+00:00",
+            }
+        ).encode(),
+    )
+    with OutputLock(OUTPUT, "after-dead"):
+        pass
