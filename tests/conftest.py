@@ -66,7 +66,7 @@ def ray_cluster(s3_endpoint):
     """One local Ray for the session, started after the S3 environment so workers inherit it."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

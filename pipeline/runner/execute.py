@@ -70,7 +70,9 @@ class _ShardCommitter:
         self.partition = f"dt={processed_at:%Y-%m-%d}"
         self.pending: dict[ray.ObjectRef, str] = {}
         self.outcome = RunOutcome()
-        self._finalize = ray.remote(num_cpus=0.25, max_retries=3)(finalize_shard)
+        # No CPU reservation: Ray Data's streaming executor holds every CPU until the stream drains,
+        # and a finalize waiting for one would delay every commit to the end of the run.
+        self._finalize = ray.remote(num_cpus=0, max_retries=3)(finalize_shard)
 
     def add_part(self, meta: dict) -> None:
         """Account for one staged part; start finalizing its shard once all rows are staged."""
