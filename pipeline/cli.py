@@ -11,6 +11,7 @@ from pipeline.writers.lock import OutputLockedError
 COMMANDS = {
     "run": ("jobs.run", "process every shard under --input into --output"),
     "refresh": ("jobs.refresh", "process only new or changed shards (the nightly job)"),
+    "submit": ("jobs.submit", "submit run/refresh to a Ray cluster: submit --address URL -- refresh ..."),
     "demo": ("jobs.demo", "build a sample dataset and run the whole pipeline on it locally"),
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -135,10 +136,16 @@ class _ShardCommitter:
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; forward storage settings."""
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; forward storage settings.
+
+    A driver started by ``ray job submit`` already runs in the job's runtime environment (which
+    ``imagetune submit`` fills with the same settings); Ray refuses a second one that overlaps it.
+    """
     if ray.is_initialized():
         return
-    ray.init(address=address, runtime_env={"env_vars": storage.worker_env()}, log_to_driver=True)
+    submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    env_vars = {} if submitted else storage.worker_env()
+    ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
 
 
 def run_stages(
