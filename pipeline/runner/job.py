@@ -50,43 +50,10 @@ def new_run_id(now: datetime) -> str:
 def build_stages(config: JobConfig) -> PipelineStages:
     """The stages of a run, configured; cheap to build and to ship to workers."""
     cache = config.runner.checkpoint_cache
-    models = [
-        TuneStage(
-            model=config.tune.model or "",
-            tile_size=config.tune.tile_size,
-            tile_overlap=config.tune.tile_overlap,
-            batch_size=config.tune.batch_size,
-            cache_dir=cache,
-            allow_pickle=config.tune.allow_pickle,
-        )
-    ]
-    caption = config.caption
-    if caption.enabled:
-        models.append(
-            CaptionStage(
-                model=caption.model,
-                pretrained=caption.pretrained,
-                batch_size=caption.batch_size,
-                seq_len=caption.seq_len,
-                generation_type=caption.generation_type,
-                num_beams=caption.num_beams,
-                num_beam_groups=caption.num_beam_groups,
-                min_seq_len=caption.min_seq_len,
-                repetition_penalty=caption.repetition_penalty,
-                cache_dir=cache,
-                allow_pickle=caption.allow_pickle,
-            )
-        )
-    models.append(
-        ClipScoreStage(
-            model=config.clip.model,
-            pretrained=config.clip.pretrained,
-            batch_size=config.clip.batch_size,
-            store_embedding=config.clip.store_embedding,
-            cache_dir=cache,
-            allow_pickle=config.clip.allow_pickle,
-        )
-    )
+    models: list = [TuneStage(config.tune, cache)]
+    if config.caption.enabled:
+        models.append(CaptionStage(config.caption, cache))
+    models.append(ClipScoreStage(config.clip, cache))
     return PipelineStages(
         decode=DecodeStage(max_side=config.decode.max_side, max_pixels=config.decode.max_pixels),
         models=models,

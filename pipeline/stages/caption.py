@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.core.batch import Batch, fill, ok_mask, writable
+from pipeline.core.config import CaptionConfig
 from pipeline.models.openclip import OpenClipModel, load_open_clip, select_device
 from pipeline.stages.base import Stage
 
@@ -27,39 +28,31 @@ def decode_tokens(tokenizer, tokens: torch.Tensor) -> list[str]:
 class CaptionStage(Stage):
     """``image`` → ``generated_caption`` with ``CoCa.generate`` and the configured settings."""
 
-    model: str
-    pretrained: str
-    batch_size: int = 16
-    seq_len: int = 30
-    generation_type: str = "beam_search"
-    num_beams: int = 6
-    num_beam_groups: int = 3
-    min_seq_len: int = 5
-    repetition_penalty: float = 1.0
+    config: CaptionConfig
     cache_dir: str = "~/.cache/imagetune/checkpoints"
-    allow_pickle: bool = False
     name: ClassVar[str] = "caption"
 
     def setup(self) -> None:
+        config = self.config
         self._coca: OpenClipModel = load_open_clip(
-            self.model, self.pretrained, select_device(), self.cache_dir, self.allow_pickle
+            config.model, config.pretrained, select_device(), self.cache_dir, config.allow_pickle
         )
 
     def generate(self, images: list[np.ndarray]) -> list[str]:
         """Captions for uint8 images, in order."""
         captions: list[str] = []
-        coca = self._coca
-        for start in range(0, len(images), self.batch_size):
-            pixels = coca.pixels(images[start : start + self.batch_size])
+        coca, config = self._coca, self.config
+        for start in range(0, len(images), config.batch_size):
+            pixels = coca.pixels(images[start : start + config.batch_size])
             with torch.inference_mode(), coca.autocast():
                 tokens = coca.model.generate(
                     pixels,
-                    seq_len=self.seq_len,
-                    generation_type=self.generation_type,
-                    num_beams=self.num_beams,
-                    num_beam_groups=self.num_beam_groups,
-                    min_seq_len=self.min_seq_len,
-                    repetition_penalty=self.repetition_penalty,
+                    seq_len=config.seq_len,
+                    generation_type=config.generation_type,
+                    num_beams=config.num_beams,
+                    num_beam_groups=config.num_beam_groups,
+                    min_seq_len=config.min_seq_len,
+                    repetition_penalty=config.repetition_penalty,
                 )
             captions.extend(decode_tokens(coca.tokenizer, tokens))
         return captions

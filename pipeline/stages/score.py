@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.core.batch import Batch, fill, ok_mask, writable
+from pipeline.core.config import ClipConfig
 from pipeline.models.openclip import OpenClipModel, load_open_clip, select_device
 from pipeline.stages.base import Stage
 
@@ -20,27 +21,25 @@ class ClipScoreStage(Stage):
     A score is NaN (null in the output) where its text is missing or empty.
     """
 
-    model: str
-    pretrained: str
-    batch_size: int = 64
-    store_embedding: bool = True
+    config: ClipConfig
     cache_dir: str = "~/.cache/imagetune/checkpoints"
-    allow_pickle: bool = False
     name: ClassVar[str] = "score"
 
     def setup(self) -> None:
+        config = self.config
         self._clip: OpenClipModel = load_open_clip(
-            self.model, self.pretrained, select_device(), self.cache_dir, self.allow_pickle
+            config.model, config.pretrained, select_device(), self.cache_dir, config.allow_pickle
         )
+        self._batch_size = config.batch_size
 
     @torch.inference_mode()
     def embed_images(self, images: list[np.ndarray]) -> torch.Tensor:
         """L2-normalised image embeddings, float32, on the model's device."""
         clip = self._clip
         out = []
-        for start in range(0, len(images), self.batch_size):
+        for start in range(0, len(images), self._batch_size):
             with clip.autocast():
-                features = clip.model.encode_image(clip.pixels(images[start : start + self.batch_size]))
+                features = clip.model.encode_image(clip.pixels(images[start : start + self._batch_size]))
             out.append(torch.nn.functional.normalize(features.float(), dim=-1))
         return torch.cat(out) if out else torch.empty(0, 0, device=clip.device)
 
@@ -50,8 +49,8 @@ class ClipScoreStage(Stage):
         clip = self._clip
         scores = np.full(len(texts), np.nan, dtype=np.float32)
         present = [i for i, text in enumerate(texts) if text]
-        for start in range(0, len(present), self.batch_size):
-            rows = present[start : start + self.batch_size]
+        for start in range(0, len(present), self._batch_size):
+            rows = present[start : start + self._batch_size]
             tokens = clip.tokenizer([texts[i] for i in rows]).to(clip.device)
             with clip.autocast():
                 features = clip.model.encode_text(tokens)
@@ -70,7 +69,7 @@ class ClipScoreStage(Stage):
             generated = [batch["generated_caption"][i] for i in index]
             fill(batch, "generated_clip_score", self.similarity(embeddings, generated), ok, np.float32(np.nan))
         empty = np.zeros(0, np.float32)
-        vectors = list(embeddings.cpu().numpy()) if self.store_embedding else [empty] * len(index)
+        vectors = list(embeddings.cpu().numpy()) if self.config.store_embedding else [empty] * len(index)
         fill(batch, "image_embedding", vectors, ok, empty)
         fill(batch, "clip_model", [self._clip.model_id] * len(index), ok, "")
         return batch

@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.core.batch import Batch, fill, ok_mask, writable
-from pipeline.core.config import RANDOM
+from pipeline.core.config import RANDOM, TuneConfig
 from pipeline.models.checkpoints import fetch_checkpoint
 from pipeline.models.openclip import select_device
 from pipeline.models.tuner import load_tuner, random_tuner, restore_images
@@ -26,21 +26,18 @@ def load_tuner_model(model: str, cache_dir: str, allow_pickle: bool = False):
 class TuneStage(Stage):
     """``image`` → restored ``image`` (same size, uint8), plus the ``tuner_model`` provenance."""
 
-    model: str
-    tile_size: int = 512
-    tile_overlap: int = 32
-    batch_size: int = 8
+    config: TuneConfig
     cache_dir: str = "~/.cache/imagetune/checkpoints"
-    allow_pickle: bool = False
     name: ClassVar[str] = "tune"
 
     def setup(self) -> None:
+        config = self.config
         self._device = select_device()
-        network, self._model_id = load_tuner_model(self.model, self.cache_dir, self.allow_pickle)
+        network, self._model_id = load_tuner_model(config.model or "", self.cache_dir, config.allow_pickle)
         radius = network.arch.receptive_radius
-        if self.tile_overlap < radius:
+        if config.tile_overlap < radius:
             raise ValueError(
-                f"tune.tile_overlap={self.tile_overlap} is below the model's receptive radius {radius}: "
+                f"tune.tile_overlap={config.tile_overlap} is below the model's receptive radius {radius}: "
                 "tiles would show seams; raise tune.tile_overlap"
             )
         self._network = network.to(self._device)
@@ -52,9 +49,9 @@ class TuneStage(Stage):
         restored = restore_images(
             self._network,
             [images[i] for i in np.flatnonzero(ok)],
-            self.tile_size,
-            self.tile_overlap,
-            self.batch_size,
+            self.config.tile_size,
+            self.config.tile_overlap,
+            self.config.batch_size,
             self._device,
         )
         for i, pixels in zip(np.flatnonzero(ok), restored, strict=True):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.config import TuneConfig
 from pipeline.models.checkpoints import CheckpointError, fetch_checkpoint
 from pipeline.models.tuner import RestorationNet, TunerArch, load_tuner, random_tuner, restore_images, save_tuner
 from pipeline.stages.tune import TuneStage
@@ -71,4 +72,4 @@ def test_pickle_and_corrupt_checkpoints_are_refused(tmp_path):
 
 def test_stage_refuses_an_overlap_below_the_receptive_field(tmp_path):
     with pytest.raises(ValueError, match="receptive radius"):
-        TuneStage(model="random", tile_size=64, tile_overlap=4).setup()
+        TuneStage(TuneConfig(model="random", tile_size=64, tile_overlap=4)).setup()

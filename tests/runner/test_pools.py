@@ -2,14 +2,18 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.core.config import RunnerConfig
+from pipeline.core.config import CaptionConfig, ClipConfig, RunnerConfig, TuneConfig
 from pipeline.runner.pools import plan_pools
 from pipeline.stages.base import ChainStage
 from pipeline.stages.caption import CaptionStage
 from pipeline.stages.score import ClipScoreStage
 from pipeline.stages.tune import TuneStage
 
-STAGES = [TuneStage(model="random"), CaptionStage(model="m", pretrained="p"), ClipScoreStage(model="m", pretrained="p")]
+STAGES = [
+    TuneStage(TuneConfig(model="random")),
+    CaptionStage(CaptionConfig(model="m", pretrained="p")),
+    ClipScoreStage(ClipConfig(model="m", pretrained="p")),
+]
 
 
 def test_fused_pool_takes_one_gpu_per_actor_and_fits_any_gpu_count():

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from pipeline.core.batch import object_column
+from pipeline.core.config import CaptionConfig, ClipConfig
 from pipeline.stages.caption import CaptionStage, decode_tokens
 from pipeline.stages.decode import decode_image
 from pipeline.stages.score import ClipScoreStage
@@ -43,9 +44,10 @@ def _batch(images, captions, status):
 @pytest.mark.parametrize("generation_type", ["top_k", "beam_search"])
 def test_captions_equal_open_clip_generate_per_image(tmp_path, images, generation_type):
     checkpoint = sharpened_checkpoint(TINY_COCA, tmp_path / "coca.safetensors", seed=1)
-    stage = CaptionStage(
+    config = CaptionConfig(
         model=TINY_COCA, pretrained=str(checkpoint), batch_size=3, seq_len=12, generation_type=generation_type
     )
+    stage = CaptionStage(config)
     stage.setup()
     status = ["ok"] * len(images)
     status[2] = "error"
@@ -68,7 +70,7 @@ def test_captions_equal_open_clip_generate_per_image(tmp_path, images, generatio
 
 def test_scores_equal_open_clip_cosine_and_are_null_without_text(tmp_path, images):
     checkpoint = sharpened_checkpoint(TINY_CLIP, tmp_path / "clip.safetensors", seed=2)
-    stage = ClipScoreStage(model=TINY_CLIP, pretrained=str(checkpoint), batch_size=3)
+    stage = ClipScoreStage(ClipConfig(model=TINY_CLIP, pretrained=str(checkpoint), batch_size=3))
     stage.setup()
     captions = ["a cat", None, "", "a rocket", "galaxies " * 100, "coins", "x", "a brick wall"]
     generated = ["one", "two", "three", "four", "five", "six", "seven", ""]
