@@ -88,7 +88,8 @@ def _column(name: str, values: np.ndarray, type_: pa.DataType) -> pa.Array:
         return pa.array([None if v is None or len(v) == 0 else np.asarray(v, np.float32) for v in values], type_)
     if name == "tuned_image":
         return pa.array([v if v else None for v in values], type_)
-    items = list(values)
+    # Strings or nulls only: a column that was all-null in some block arrives as NaN floats.
+    items = [v if isinstance(v, str) else None for v in values]
     if name in _NULL_WHEN_EMPTY:
-        items = [v if v else None for v in items]
+        items = [v or None for v in items]
     return pa.array(items, type_)

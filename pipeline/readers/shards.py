@@ -109,8 +109,19 @@ def _parquet_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
                 if not image:
                     yield Record(key=key, source_uri=f"{uri}#{key}", error="empty image value")
                     continue
-                text = decode_caption(caption) if isinstance(caption, bytes) else caption
+                text = _caption_text(caption)
                 yield Record(key=key, source_uri=f"{uri}#{key}", image_bytes=bytes(image), caption=text)
+
+
+def _caption_text(value: object) -> str | None:
+    """A caption from a Parquet cell of any type: text as is, bytes decoded, lists joined, else str()."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return decode_caption(value)
+    if isinstance(value, list):
+        return " ".join(_caption_text(v) or "" for v in value).strip() or None
+    return str(value)
 
 
 def _file_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:

@@ -44,11 +44,12 @@ class ClipScoreStage(Stage):
         return torch.cat(out) if out else torch.empty(0, 0, device=clip.device)
 
     @torch.inference_mode()
-    def similarity(self, image_embeddings: torch.Tensor, texts: list[str | None]) -> np.ndarray:
+    def similarity(self, image_embeddings: torch.Tensor, texts: list) -> np.ndarray:
         """Cosine similarity of each image with its text; NaN where the text is missing or empty."""
         clip = self._clip
         scores = np.full(len(texts), np.nan, dtype=np.float32)
-        present = [i for i, text in enumerate(texts) if text]
+        # A block whose captions are all missing comes back from Arrow as NaN floats, not None.
+        present = [i for i, text in enumerate(texts) if isinstance(text, str) and text]
         for start in range(0, len(present), self._batch_size):
             rows = present[start : start + self._batch_size]
             tokens = clip.tokenizer([texts[i] for i in rows]).to(clip.device)

@@ -89,12 +89,12 @@ def test_unreadable_tar_keeps_what_was_read_and_accounts_for_the_rest(tmp_path, 
 
 
 def test_parquet_shard_reads_configured_columns_and_names_a_missing_one(tmp_path, photos):
-    table = pa.table({"jpg": [r.data for r in photos[:3]], "alt": ["x", None, "z"]})
+    table = pa.table({"jpg": [r.data for r in photos[:3]], "alt": [["x", "y"], None, ["z"]]})
     pq.write_table(table, tmp_path / "a.parquet")
     (shard,) = plan_shards(str(tmp_path))
     _, rows = _rows(shard, ReadConfig(image_column="jpg", caption_column="alt"))
     assert list(rows["source_key"]) == ["000000000", "000000001", "000000002"]
-    assert list(rows["caption"]) == ["x", None, "z"]
+    assert list(rows["caption"]) == ["x y", None, "z"]
     _, rows = _rows(shard, ReadConfig(image_column="image"))
     assert list(rows["status"]) == ["error"]
     assert "image column 'image' not in" in rows["error_message"][0] and "a.parquet" in rows["error_message"][0]

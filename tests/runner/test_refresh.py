@@ -75,7 +75,9 @@ def test_refresh_processes_only_new_and_changed_shards(ray_cluster, s3, photos, 
 
 
 def test_dry_run_writes_nothing_and_limit_caps_a_run(ray_cluster, s3, photos, tmp_path, capsys):
-    upload_shards(s3, tmp_path, photos[:6], ["a", "b", "c"])
+    # Shard a has no captions at all: its blocks carry an all-null caption column.
+    records = [SampleRecord(r.key, r.data, r.extension, None if i < 2 else r.caption) for i, r in enumerate(photos[:6])]
+    upload_shards(s3, tmp_path, records, ["a", "b", "c"])
     args = ["--input", INPUT, "--output", OUTPUT, *[f"--set={item}" for item in FAST]]
     assert refresh_main([*args, "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {
@@ -84,7 +86,7 @@ def test_dry_run_writes_nothing_and_limit_caps_a_run(ray_cluster, s3, photos, tm
     }
     assert not s3.exists(f"{BUCKET}/output")
     assert refresh_main([*args, "--limit", "1"]) == 0
-    assert {r[0].split("#")[0] for r in rows(s3)} == {"a.tar"}
+    assert [(r[0].split("#")[0], r[1]) for r in rows(s3)] == [("a.tar", None), ("a.tar", None)]
     assert refresh_main([*args, "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"planned": ["b.tar", "c.tar"], "unchanged": 1}
 

@@ -73,9 +73,10 @@ def test_scores_equal_open_clip_cosine_and_are_null_without_text(tmp_path, image
     stage = ClipScoreStage(ClipConfig(model=TINY_CLIP, pretrained=str(checkpoint), batch_size=3))
     stage.setup()
     captions = ["a cat", None, "", "a rocket", "galaxies " * 100, "coins", "x", "a brick wall"]
+    nan_caption = float("nan")  # an all-missing caption column comes back from Arrow as NaN
     generated = ["one", "two", "three", "four", "five", "six", "seven", ""]
     status = ["ok"] * 7 + ["error"]
-    batch = _batch(images, captions, status)
+    batch = _batch(images, [nan_caption if c is None else c for c in captions], status)
     batch["generated_caption"] = object_column(generated)
     out = stage.process(batch)
     model, preprocess, tokenizer = _reference(TINY_CLIP, checkpoint)

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.core.batch import object_column
-from pipeline.core.schema import OUTPUT_SCHEMA
+from pipeline.core.schema import OUTPUT_SCHEMA, to_output_table
 from pipeline.readers.plan import Shard, ShardMember
 from pipeline.writers.manifest import commit_shard, read_entry
 from pipeline.writers.parquet import StagedPartWriter, finalize_shard
@@ -70,3 +70,10 @@ def test_commit_replaces_the_files_of_an_earlier_commit(tmp_path):
     assert not old.exists()
     assert read_entry(str(tmp_path), shard) == entry
     assert entry["input"]["fingerprint"] == shard.fingerprint and entry["files"] == [new_name]
+
+
+def test_a_block_without_any_caption_writes_null_captions():
+    batch = _batch(["a.tar", "a.tar"], ["ok", "ok"])
+    batch["caption"] = np.array([np.nan, np.nan], dtype=np.float32)  # how Arrow returns an all-null column
+    table = to_output_table(batch, "run", NOW)
+    assert table.column("caption").to_pylist() == [None, None]
