@@ -7,6 +7,7 @@ URIs) are required; everything else has the default a user would pick on a GPU c
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,7 +186,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _set_path(data, key.split("."), yaml.safe_load(raw))
     config = _build(JobConfig, data, "")
     config.validate()
+    # Relative local paths mean the same directory to the driver and to every worker.
+    config.input, config.output = absolute(config.input), absolute(config.output)
     return config
+
+
+def absolute(uri: str) -> str:
+    """A relative local path made absolute; URIs with a scheme unchanged."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
 def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:

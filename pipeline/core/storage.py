@@ -65,11 +65,24 @@ def redact_uri(uri: str) -> str:
 
 
 def write_json(uri: str, payload: Any) -> None:
-    """Write one small JSON object; a single PUT on object storage, so it appears whole or not at all."""
+    """Write one small JSON object so that it appears whole or not at all.
+
+    One PUT on object storage; a temporary file and a rename on local filesystems.
+    """
     fs, path = filesystem(uri)
     fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+    data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+    if _is_local(fs):
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def read_json(uri: str) -> Any:
@@ -91,8 +104,7 @@ def create_exclusive(uri: str, data: bytes) -> None:
     """
     fs, path = filesystem(uri)
     fs.makedirs(fs._parent(path), exist_ok=True)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:
+    if _is_local(fs):
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)

@@ -93,15 +93,19 @@ class _ShardCommitter:
         for shard_id, state in self.progress.items():
             if state.finalizing:
                 continue
-            if state.parts:
+            if state.complete:
                 self._start(shard_id)
+            elif not state.parts and state.total < 0:
+                self._commit(shard_id, [], {})  # a shard with zero records
             else:
-                self._commit(shard_id, [], {})
+                seen = f"{len(state.ordinals)} of {state.total if state.total >= 0 else 'an unknown number of'}"
+                self.outcome.failed[shard_id] = f"incomplete: {seen} records reached the writer"
         self.collect(block=True)
         return self.outcome
 
     def _file(self, shard_id: str) -> str:
-        return f"{self.partition}/{self.shards[shard_id].output_name}.parquet"
+        """Named by shard and run: a failed finalize can never overwrite the file a commit names."""
+        return f"{self.partition}/{self.shards[shard_id].output_name}-{self.run_id}.parquet"
 
     def _start(self, shard_id: str) -> None:
         state = self.progress[shard_id]
@@ -128,8 +132,9 @@ class _ShardCommitter:
     def _commit(self, shard_id: str, files: list[str], counts: dict[str, int]) -> None:
         state = self.progress[shard_id]
         models = {column: sorted(ids) for column, ids in state.models.items()}
+        partial = bool(counts.pop("unread", 0))
         rows = sum(counts.values())
-        commit_shard(self.config.output, self.shards[shard_id], files, rows, counts, models, self.run_id)
+        commit_shard(self.config.output, self.shards[shard_id], files, rows, counts, models, self.run_id, partial)
         self.outcome.committed.append(shard_id)
         self.outcome.stats.add_rows(counts, models)
         logger.info("committed shard %s (%d rows)", shard_id, rows)
@@ -155,12 +160,21 @@ def run_stages(
     context = ray.data.DataContext.get_current()
     bars = config.runner.progress_bars
     context.enable_progress_bars = sys.stderr.isatty() if bars is None else bars
+    if not storage.is_remote(config.output) and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+        raise ValueError(
+            f"output {config.output} is a local path but the Ray cluster has several nodes: staged parts "
+            "would land on each worker's own disk. Use object storage (s3://...) or a shared filesystem URL"
+        )
     pools = plan_pools(stages.models, config.runner, ray.cluster_resources())
     staging = storage.join(config.output, "_staging", run_id)
     dataset = _build_dataset(config, shards, stages, pools, staging, run_id, processed_at)
     committer = _ShardCommitter(config, shards, run_id, processed_at)
-    for meta in dataset.iter_rows():
-        committer.add_part(meta)
+    try:
+        for meta in dataset.iter_rows():
+            committer.add_part(meta)
+    except BaseException:
+        committer.collect(block=True)  # keep the shards that were already complete
+        raise
     outcome = committer.finish()
     _remove_staging(staging)
     return outcome

@@ -96,12 +96,14 @@ class RunMode:
 
 
 def select_shards(shards: list[Shard], manifest: dict[str, dict], mode: RunMode) -> tuple[list[Shard], int]:
-    """The shards to process, and how many were skipped as unchanged (same path, size, ETag/mtime)."""
-    changed = [
-        shard
-        for shard in shards
-        if mode.full or manifest.get(shard.shard_id, {}).get("input", {}).get("fingerprint") != shard.fingerprint
-    ]
+    """The shards to process, and how many were skipped as done: unchanged (same path, size, ETag or
+    mtime) and read to the end last time (not ``partial``)."""
+
+    def done(shard: Shard) -> bool:
+        entry = manifest.get(shard.shard_id, {})
+        return entry.get("input", {}).get("fingerprint") == shard.fingerprint and not entry.get("partial")
+
+    changed = [shard for shard in shards if mode.full or not done(shard)]
     return (changed[: mode.limit] if mode.limit else changed), len(shards) - len(changed)
 
 

@@ -17,7 +17,7 @@ from pipeline.core.batch import Batch, num_rows
 from pipeline.core.config import ReadConfig, RunnerConfig
 from pipeline.readers.plan import Shard
 from pipeline.readers.shards import read_shard
-from pipeline.stages.base import SECONDS_PREFIX, ChainStage, Stage
+from pipeline.stages.base import SECONDS_PREFIX, ChainStage, Stage, isolate_failures
 
 # CPU kept free for the read/decode/encode/write tasks that feed and drain the actor pools.
 TASK_CPU_RESERVE = 1.0
@@ -90,7 +90,7 @@ class TaskStage:
         if not self._ready:
             self.stage.setup()
             self._ready = True
-        return self.stage.timed(batch)
+        return isolate_failures(self.stage, batch)
 
 
 class ActorStage:
@@ -104,7 +104,7 @@ class ActorStage:
         self.stage.setup()
 
     def __call__(self, batch: Batch) -> Batch:
-        return self.stage.timed(batch)
+        return isolate_failures(self.stage, batch)
 
 
 class ReadShards:

@@ -5,6 +5,7 @@ Stages never import Ray; ``pipeline.runner`` maps them onto Ray Data tasks and a
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -12,9 +13,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.core.batch import Batch, num_rows
+from pipeline.core.batch import Batch, mark_error, num_rows, ok_mask, writable
 
 SECONDS_PREFIX = "_seconds_"
+
+logger = logging.getLogger(__name__)
 
 
 class Stage(ABC):
@@ -42,6 +45,30 @@ class Stage(ABC):
         return out
 
 
+def isolate_failures(stage: Stage, batch: Batch) -> Batch:
+    """``stage.timed(batch)``; if it raises, retry halves, and mark a single failing row as an error.
+
+    One bad row (or a batch too large for the device) never fails its batch, let alone the run; the
+    failing row gets the stage's error and the stage still adds its columns to every row.
+    """
+    try:
+        return stage.timed(batch)
+    except Exception as error:
+        rows = num_rows(batch)
+        ok = np.flatnonzero(ok_mask(batch))
+        if rows > 1 and len(ok) > 1:
+            logger.warning("%s failed on a batch of %d rows (%s); retrying in halves", stage.name, rows, error)
+            middle = rows // 2
+            halves = [{k: v[:middle] for k, v in batch.items()}, {k: v[middle:] for k, v in batch.items()}]
+            parts = [isolate_failures(stage, half) for half in halves]
+            return {k: np.concatenate([parts[0][k], parts[1][k]]) for k in parts[0]}
+        batch = writable(batch)
+        for index in ok:
+            logger.warning("%s failed on row %s: %s", stage.name, batch["id"][index], error)
+            mark_error(batch, int(index), stage.name, error)
+        return stage.timed(batch)
+
+
 @dataclass
 class ChainStage(Stage):
     """Several stages in one worker: how the model stages share one actor (and one GPU)."""
@@ -55,7 +82,7 @@ class ChainStage(Stage):
 
     def process(self, batch: Batch) -> Batch:
         for stage in self.stages:
-            batch = stage.timed(batch)
+            batch = isolate_failures(stage, batch)
         return batch
 
     def timed(self, batch: Batch) -> Batch:

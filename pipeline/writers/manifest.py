@@ -40,11 +40,13 @@ def commit_shard(
     counts: dict[str, int],
     models: dict[str, list[str]],
     run_id: str,
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Record ``shard`` as done, then delete files an earlier commit of it listed and this one does not.
 
-    ``files`` are relative to ``output``. A shard re-processed on a later day lands in a new ``dt=``
-    partition; its old file goes only after the new entry is in place.
+    ``files`` are relative to ``output``. ``partial`` marks a shard whose input could not be read to
+    the end: its rows so far are committed, and the next refresh tries it again. Each commit names
+    new files (shard + run), so the old ones go only after the new entry is in place.
     """
     previous = read_entry(output, shard)
     entry = {
@@ -53,6 +55,7 @@ def commit_shard(
         "input": {"fingerprint": shard.fingerprint, "members": [m.__dict__ for m in shard.members]},
         "files": files,
         "rows": rows,
+        "partial": partial,
         "counts": counts,
         "models": models,
         "run_id": run_id,

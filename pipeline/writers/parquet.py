@@ -74,10 +74,15 @@ class StagedPartWriter:
 
 
 def _counts(table: pa.Table) -> dict[str, int]:
-    """Rows by outcome: ``ok`` and ``error:<stage>``."""
+    """Rows by outcome: ``ok`` and ``error:<stage>``; ``unread`` counts rows standing for a shard's
+    unreadable rest (the reader's one error row with an empty key)."""
     status = table.column("status").to_pylist()
     stage = table.column("error_stage").to_pylist()
-    return dict(Counter(OK if s == OK else f"error:{e}" for s, e in zip(status, stage, strict=True)))
+    counts = Counter(OK if s == OK else f"error:{e}" for s, e in zip(status, stage, strict=True))
+    unread = sum(1 for key, e in zip(table.column("source_key").to_pylist(), stage, strict=True) if not key and e)
+    if unread:
+        counts["unread"] = unread
+    return dict(counts)
 
 
 def write_table(table: pa.Table, uri: str, compression: str, row_group_rows: int | None = None) -> None:
@@ -99,6 +104,20 @@ def finalize_shard(
     """
     fs, path = storage.filesystem(final_uri)
     fs.makedirs(fs._parent(path), exist_ok=True)
+    try:
+        counts = _stream_parts(part_uris, fs, path, compression, row_group_rows)
+    except BaseException:
+        # The writers close cleanly even on error, which would leave a valid but partial file.
+        if fs.exists(path):
+            fs.rm_file(path)
+        raise
+    for uri in part_uris:
+        part_fs, part_path = storage.filesystem(uri)
+        part_fs.rm_file(part_path)
+    return {"rows": sum(counts.values()), "counts": dict(counts), "bytes": int(fs.info(path).get("size") or 0)}
+
+
+def _stream_parts(part_uris: list[str], fs, path: str, compression: str, row_group_rows: int) -> Counter:
     counts: Counter = Counter()
     with (
         fs.open(path, "wb") as handle,
@@ -123,10 +142,7 @@ def finalize_shard(
                 pending, pending_rows = [], 0
         if pending:
             counts.update(_flush(writer, pending))
-    for uri in part_uris:
-        part_fs, part_path = storage.filesystem(uri)
-        part_fs.rm_file(part_path)
-    return {"rows": sum(counts.values()), "counts": dict(counts), "bytes": int(fs.info(path).get("size") or 0)}
+    return counts
 
 
 def _flush(writer: pq.ParquetWriter, tables: list[pa.Table]) -> dict[str, int]:

@@ -123,3 +123,20 @@ def test_a_lease_expires_or_dies_with_its_process(s3):
     )
     with OutputLock(OUTPUT, "after-dead"):
         pass
+
+
+def test_a_shard_cut_short_keeps_its_rows_is_marked_partial_and_is_retried(ray_cluster, s3, photos, tmp_path):
+    clean = [r for r in photos if r.key != "999-truncated"]
+    (path,) = write_webdataset(clean[:4], tmp_path, shard_size=4)
+    data = path.read_bytes()
+    s3.pipe(f"{BUCKET}/input/a.tar", data[: len(data) * 3 // 4])
+    first = refresh()
+    (entry,) = [json.loads(s3.cat(p)) for p in s3.find(f"{BUCKET}/output/_manifest/")]
+    assert entry["partial"] is True and entry["counts"]["error:read"] == 1
+    assert 1 < first["rows"] <= 4
+    retried = refresh()  # the same cut-short input: retried, not skipped as done
+    assert (retried["shards_planned"], retried["shards_unchanged"]) == (1, 0)
+    s3.pipe(f"{BUCKET}/input/a.tar", data)
+    second = refresh()
+    assert second["shards_planned"] == 1 and second["rows_ok"] == 4
+    assert sorted(r[0] for r in rows(s3)) == sorted(f"a.tar#{r.key}" for r in clean[:4])

@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.core.batch import object_column
 from pipeline.core.schema import OUTPUT_SCHEMA, to_output_table
@@ -77,3 +78,12 @@ def test_a_block_without_any_caption_writes_null_captions():
     batch["caption"] = np.array([np.nan, np.nan], dtype=np.float32)  # how Arrow returns an all-null column
     table = to_output_table(batch, "run", NOW)
     assert table.column("caption").to_pylist() == [None, None]
+
+
+def test_a_failed_finalize_leaves_no_file_behind(tmp_path):
+    writer = StagedPartWriter(str(tmp_path / "staging"), "run-1", NOW)
+    part = str(writer(_batch(["a.tar"], ["ok"]))["part_uri"][0])
+    target = tmp_path / "dt=2026-11-22" / "a-run-1.parquet"
+    with pytest.raises(FileNotFoundError):
+        finalize_shard([part, str(tmp_path / "staging" / "gone.parquet")], str(target))
+    assert not target.exists()
