@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -63,8 +64,16 @@ class _ShardProgress:
 class _ShardCommitter:
     """Driver-side bookkeeping: staged rows per shard → finalize task → manifest commit."""
 
-    def __init__(self, config: JobConfig, shards: list[Shard], run_id: str, processed_at: datetime) -> None:
+    def __init__(
+        self,
+        config: JobConfig,
+        shards: list[Shard],
+        run_id: str,
+        processed_at: datetime,
+        before_commit: Callable[[], None],
+    ) -> None:
         self.config = config
+        self.before_commit = before_commit
         self.run_id = run_id
         self.shards = {shard.shard_id: shard for shard in shards}
         self.progress = {shard.shard_id: _ShardProgress() for shard in shards}
@@ -132,6 +141,7 @@ class _ShardCommitter:
     def _commit(self, shard_id: str, files: list[str], counts: dict[str, int]) -> None:
         state = self.progress[shard_id]
         models = {column: sorted(ids) for column, ids in state.models.items()}
+        self.before_commit()
         partial = bool(counts.pop("unread", 0))
         rows = sum(counts.values())
         commit_shard(self.config.output, self.shards[shard_id], files, rows, counts, models, self.run_id, partial)
@@ -154,7 +164,12 @@ def init_ray(address: str | None) -> None:
 
 
 def run_stages(
-    config: JobConfig, shards: list[Shard], stages: PipelineStages, run_id: str, processed_at: datetime
+    config: JobConfig,
+    shards: list[Shard],
+    stages: PipelineStages,
+    run_id: str,
+    processed_at: datetime,
+    before_commit: Callable[[], None] = lambda: None,
 ) -> RunOutcome:
     """Process ``shards`` end to end; returns per-shard outcomes. Raises only for run-wide failures."""
     context = ray.data.DataContext.get_current()
@@ -168,7 +183,7 @@ def run_stages(
     pools = plan_pools(stages.models, config.runner, ray.cluster_resources())
     staging = storage.join(config.output, "_staging", run_id)
     dataset = _build_dataset(config, shards, stages, pools, staging, run_id, processed_at)
-    committer = _ShardCommitter(config, shards, run_id, processed_at)
+    committer = _ShardCommitter(config, shards, run_id, processed_at, before_commit)
     try:
         for meta in dataset.iter_rows():
             committer.add_part(meta)

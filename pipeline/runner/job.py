@@ -122,7 +122,7 @@ def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | 
     if mode.dry_run:
         todo, skipped = select_shards(shards, read_manifest(config.output), mode)
         return RunReport(_summary(config, run_id, started, clock, shards, todo, skipped, None, mode), None)
-    with OutputLock(config.output, run_id, config.runner.lock_ttl_seconds):
+    with OutputLock(config.output, run_id, config.runner.lock_ttl_seconds) as lock:
         manifest = read_manifest(config.output)
         collect_garbage(config.output, manifest, run_id)
         todo, skipped = select_shards(shards, manifest, mode)
@@ -130,7 +130,7 @@ def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | 
         outcome = None
         if todo:
             init_ray(config.runner.address)
-            outcome = run_stages(config, todo, build_stages(config), run_id, started)
+            outcome = run_stages(config, todo, build_stages(config), run_id, started, lock.ensure_held)
         summary = _summary(config, run_id, started, clock, shards, todo, skipped, outcome, mode)
         uri = storage.join(config.output, RUNS_DIR, f"{run_id}.json")
         storage.write_json(uri, summary)

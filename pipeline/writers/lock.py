@@ -34,6 +34,7 @@ class OutputLock:
         self.run_id = run_id
         self.ttl = timedelta(seconds=ttl_seconds)
         self._stop = threading.Event()
+        self.lost = False
         self._heartbeat: threading.Thread | None = None
 
     def __enter__(self) -> OutputLock:
@@ -67,21 +68,34 @@ class OutputLock:
                     f"{holder.get('expires_at')}; wait for it to finish, or delete {LOCK_FILE} if that run is gone"
                 ) from None
             logger.warning("taking over the stale lease of run %s", (holder or {}).get("run_id"))
+            if self._read() != holder:
+                raise OutputLockedError(f"another run took over {self.uri} first") from None
             fs, path = storage.filesystem(self.uri)
             fs.rm_file(path)
-            storage.create_exclusive(self.uri, self._payload())
+            try:
+                storage.create_exclusive(self.uri, self._payload())
+            except FileExistsError:
+                raise OutputLockedError(f"another run took over {self.uri} first") from None
         self._heartbeat = threading.Thread(target=self._renew, name="output-lock-heartbeat", daemon=True)
         self._heartbeat.start()
 
     def _renew(self) -> None:
         interval = self.ttl.total_seconds() / 3
         while not self._stop.wait(interval):
-            holder = self._read()
-            if holder is None or holder.get("run_id") != self.run_id:
-                logger.error("lost the output lease to run %s", (holder or {}).get("run_id"))
-                return
-            fs, path = storage.filesystem(self.uri)
-            fs.pipe_file(path, self._payload())
+            try:
+                holder = self._read()
+                if holder is None or holder.get("run_id") != self.run_id:
+                    logger.error("lost the output lease to run %s", (holder or {}).get("run_id"))
+                    self.lost = True
+                    return
+                storage.write_json(self.uri, json.loads(self._payload()))
+            except Exception as error:  # a transient storage error: try again next beat
+                logger.warning("could not renew the output lease: %s", error)
+
+    def ensure_held(self) -> None:
+        """Raise ``OutputLockedError`` if another run has taken the lease: stop before committing."""
+        if self.lost:
+            raise OutputLockedError(f"this run lost its lease on {self.uri}; stopping before the next commit")
 
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import duckdb
 import pytest
@@ -140,3 +141,16 @@ def test_a_shard_cut_short_keeps_its_rows_is_marked_partial_and_is_retried(ray_c
     second = refresh()
     assert second["shards_planned"] == 1 and second["rows_ok"] == 4
     assert sorted(r[0] for r in rows(s3)) == sorted(f"a.tar#{r.key}" for r in clean[:4])
+
+
+def test_a_run_that_lost_its_lease_refuses_to_commit(tmp_path):
+    lock = OutputLock(str(tmp_path), "mine", ttl_seconds=0.3)
+    lock.acquire()
+    (tmp_path / "_lock.json").write_text(json.dumps({"run_id": "thief", "expires_at": "2999-01-01T00:00:00+00:00"}))
+    deadline = time.monotonic() + 5
+    while not lock.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(OutputLockedError, match="lost its lease"):
+        lock.ensure_held()
+    lock.release()
+    assert json.loads((tmp_path / "_lock.json").read_text())["run_id"] == "thief"
