@@ -226,6 +226,10 @@ def _build_dataset(config, shards, stages, pools: list[Pool], staging, run_id, p
 
 
 def _remove_staging(staging: str) -> None:
+    """Remove this run's staging, and ``_staging/`` itself once no other run's is left in it."""
     fs, path = storage.filesystem(staging)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+    parent = fs._parent(path)
+    if fs.exists(parent) and not fs.ls(parent, detail=False):
+        fs.rmdir(parent)

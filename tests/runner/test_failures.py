@@ -97,3 +97,4 @@ def test_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_cluster
     assert committed_at_kill < 6, "the kill must land mid-run"
     assert result["shards_committed"] == 6 and result["shards_failed"] == {}
     assert _counts(output) == (records, records)
+    assert not (output / "_staging").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import duckdb
@@ -106,24 +107,19 @@ def test_a_second_run_on_the_same_output_is_refused(s3, photos, tmp_path, capsys
 
 
 def test_a_lease_expires_or_dies_with_its_process(s3):
-    stale = OutputLock(OUTPUT, "expired", ttl_seconds=-1)
-    stale.acquire()
-    stale._stop.set()
-    with OutputLock(OUTPUT, "next") as lock:
-        assert json.loads(s3.cat(lock.uri.removeprefix("s3://")))["run_id"] == "next"
-    s3.pipe(
-        f"{BUCKET}/output/_lock.json",
-        json.dumps(
-            {
-                "run_id": "dead",
-                "host": __import__("socket").gethostname(),
-                "pid": 2**22 + 7,
-                "expires_at": "2999-01-01T00:00:00+00:00",
-            }
-        ).encode(),
-    )
-    with OutputLock(OUTPUT, "after-dead"):
-        pass
+    host = socket.gethostname()
+    leases = {
+        "expired": {"run_id": "expired", "host": "elsewhere", "pid": 1, "expires_at": "2000-01-01T00:00:00+00:00"},
+        "dead": {"run_id": "dead", "host": host, "pid": 2**22 + 7, "expires_at": "2999-01-01T00:00:00+00:00"},
+    }
+    for name, lease in leases.items():
+        s3.pipe(f"{BUCKET}/output/_lock.json", json.dumps(lease).encode())
+        with OutputLock(OUTPUT, f"after-{name}") as lock:
+            assert json.loads(s3.cat(lock.uri.removeprefix("s3://")))["run_id"] == f"after-{name}"
+    alive = {"run_id": "alive", "host": "elsewhere", "pid": 1, "expires_at": "2999-01-01T00:00:00+00:00"}
+    s3.pipe(f"{BUCKET}/output/_lock.json", json.dumps(alive).encode())
+    with pytest.raises(OutputLockedError, match="being written by run alive"):
+        OutputLock(OUTPUT, "late").acquire()
 
 
 def test_a_shard_cut_short_keeps_its_rows_is_marked_partial_and_is_retried(ray_cluster, s3, photos, tmp_path):
