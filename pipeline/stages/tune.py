@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.core.batch import Batch, fill, ok_mask, writable
+from pipeline.core.batch import Batch, fill, object_column, ok_mask, writable
 from pipeline.core.config import RANDOM, TuneConfig
 from pipeline.models.checkpoints import fetch_checkpoint
 from pipeline.models.openclip import select_device
@@ -56,6 +56,6 @@ class TuneStage(Stage):
         )
         for i, pixels in zip(np.flatnonzero(ok), restored, strict=True):
             images[i] = pixels
-        fill(batch, "image", images, np.ones(len(images), bool), None)
+        batch["image"] = object_column(images)
         fill(batch, "tuner_model", [self._model_id] * int(ok.sum()), ok, "")
         return batch

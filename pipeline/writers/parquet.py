@@ -32,7 +32,11 @@ MODEL_COLUMNS = ("tuner_model", "caption_model", "clip_model")
 
 @dataclass
 class StagedPartWriter:
-    """Ray Data map function: write a block's rows as staged parts, return one metadata row per part."""
+    """Ray Data map function: write a block's rows as staged parts, return one metadata row per part.
+
+    The metadata is what the driver needs and no more: which record ordinals the part holds, the
+    shard's total when known, stage seconds and model ids. Row counts come from the finalize.
+    """
 
     staging_uri: str
     run_id: str
@@ -55,10 +59,8 @@ class StagedPartWriter:
                 {
                     "shard_id": shard_id,
                     "part_uri": uri,
-                    "rows": int(mask.sum()),
                     "ordinals": json.dumps(ordinals[mask].tolist()),
                     "shard_total": int(totals[mask].max()),
-                    "counts": json.dumps(_counts(part)),
                     "seconds": json.dumps({k: float(v[mask].sum()) for k, v in timings.items()}),
                     "models": json.dumps(
                         {c: sorted(set(part.column(c).drop_null().to_pylist())) for c in MODEL_COLUMNS}
@@ -67,9 +69,9 @@ class StagedPartWriter:
             )
         return {
             name: object_column(r[name] for r in rows)
-            if name not in ("rows", "shard_total")
+            if name != "shard_total"
             else np.array([r[name] for r in rows], dtype=np.int64)
-            for name in ("shard_id", "part_uri", "rows", "ordinals", "shard_total", "counts", "seconds", "models")
+            for name in ("shard_id", "part_uri", "ordinals", "shard_total", "seconds", "models")
         }
 
 
