@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from pipeline.core.batch import Batch, mark_error, num_rows, object_column, ok_mask, writable
 from pipeline.stages.base import Stage
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 # The pixel limit is ours (``decode.max_pixels``), checked on the declared size before anything is
 # allocated; Pillow's global limit would refuse first with a message that names no setting.
@@ -37,9 +38,11 @@ class DecodedImage:
 def decode_image(data: bytes, max_side: int, max_pixels: int) -> DecodedImage:
     """Decode ``data`` to RGB uint8 with its longer side at most ``max_side``.
 
-    Honours EXIF orientation; flattens palette/alpha onto white; converts CMYK/YCCK, grayscale and
-    16-bit to 8-bit RGB; takes the first frame of animations. The declared size is checked against
-    ``max_pixels`` before any pixel is allocated, so decompression bombs cost nothing.
+    Honours EXIF orientation and embedded ICC profiles (converted to sRGB); flattens palette/alpha
+    onto white; converts CMYK/YCCK, grayscale and 16-bit to 8-bit RGB; takes the first frame of
+    animations and multi-page files. The declared size is checked against ``max_pixels`` before any
+    pixel is allocated, so decompression bombs cost nothing. Any failure of the decoder on hostile
+    bytes is a ``DecodeError``, never another exception.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
@@ -57,17 +60,37 @@ def decode_image(data: bytes, max_side: int, max_pixels: int) -> DecodedImage:
         image.seek(0)
         image.load()
         image = ImageOps.exif_transpose(image)
-        rgb = _to_rgb(image)
+        rgb = _to_rgb(_to_srgb(image))
     except DecodeError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise DecodeError(f"cannot decode image: {error}") from error
+    except UnidentifiedImageError as error:
+        raise DecodeError(f"cannot decode image: not a supported image format (starts with {data[:8]!r})") from error
+    except MemoryError:
+        raise  # not this image's fault: the stage's batch splitting deals with it
+    except Exception as error:  # Pillow's plugins raise many types on malformed data
+        raise DecodeError(f"cannot decode image: {type(error).__name__}: {error}") from error
     width, height = rgb.size
     scale = max_side / max(width, height)
     if scale < 1:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return DecodedImage(np.asarray(rgb, dtype=np.uint8), width, height, image_format)
+
+
+def _to_srgb(image: Image.Image) -> Image.Image:
+    """Apply an embedded ICC profile, as browsers do: pixels become sRGB.
+
+    A profile that cannot be used (corrupt, or for another colour space than the pixels) is ignored,
+    which is also what browsers do; the pixels are still the image.
+    """
+    profile = image.info.get("icc_profile")
+    if not profile or image.mode not in ("RGB", "CMYK", "L"):
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        return ImageCms.profileToProfile(image, source, SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
