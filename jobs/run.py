@@ -26,12 +26,15 @@ def config_from(args: argparse.Namespace) -> JobConfig:
 
 
 def report(result: RunReport) -> int:
-    """Print the outcome; exit code 1 when any shard failed (they are listed), else 0."""
+    """Print the outcome and its accounting; exit code 1 unless every record is in exactly one row."""
     summary = result.summary
     keys = ("run_id", "shards_listed", "shards_unchanged", "shards_planned", "shards_committed", "rows", "rows_ok")
     print(json.dumps({key: summary[key] for key in keys}))
     for shard_id, error in summary["shards_failed"].items():
         print(f"FAILED shard {shard_id}: {error}", file=sys.stderr)
+    accounting = summary["accounting"]
+    verdict = "every record is in exactly one row" if accounting["balanced"] else "NOT BALANCED: records were lost"
+    print(f"accounting: {accounting['records_in']} records in, {accounting['rows_out']} rows out: {verdict}")
     if result.uri:
         print(f"run summary: {result.uri}")
     return 0 if result.succeeded else 1

@@ -11,13 +11,16 @@ from typing import Any
 class RunStats:
     """Counts and times merged from the metadata every write task returns."""
 
+    records: int = 0
     rows: int = 0
     outcomes: Counter = field(default_factory=Counter)
     stage_seconds: Counter = field(default_factory=Counter)
     models: dict[str, set[str]] = field(default_factory=dict)
 
-    def add_rows(self, outcomes: dict[str, int], models: dict[str, list[str]]) -> None:
-        """Rows of a committed shard, by outcome (``ok`` / ``error:<stage>``), and the models used."""
+    def add_rows(self, outcomes: dict[str, int], models: dict[str, list[str]], records: int) -> None:
+        """Rows of a committed shard, by outcome (``ok`` / ``error:<stage>``), the models used, and
+        how many records its reader produced (a partial shard's unread rest counts as one)."""
+        self.records += records
         self.rows += sum(outcomes.values())
         self.outcomes.update(outcomes)
         for column, ids in models.items():

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -26,6 +28,10 @@ WORKER_ENV_VARS = (
 )
 
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+# At 10^8 objects transient errors are routine; 10 attempts with backoff capped at 20 s ride out
+# minutes of throttling. Standard mode also retries connection resets and 500/502/503/504.
+S3_RETRIES = {"mode": "standard", "max_attempts": 10}
+RETRY_ENV_VARS = frozenset({"AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"})
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]+@")
 
 
@@ -33,10 +39,15 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for ``uri`` and the path inside it (no protocol).
 
     Object stores get no listings cache: workers and other runs write the same prefixes, and a
-    stale listing would make the driver plan or commit from old facts.
+    stale listing would make the driver plan or commit from old facts. S3 requests that fail
+    transiently (5xx, SlowDown, reset connections) are retried with capped exponential backoff
+    (botocore's standard mode; ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` override it), on top of
+    s3fs's own retries; permanent errors (403, NoSuchBucket) are not retried.
     """
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    options = {"use_listings_cache": False} if protocol in OBJECT_STORES else {}
+    options: dict[str, Any] = {"use_listings_cache": False} if protocol in OBJECT_STORES else {}
+    if protocol in ("s3", "s3a") and not RETRY_ENV_VARS & os.environ.keys():
+        options["config_kwargs"] = {"retries": S3_RETRIES}
     fs, path = url_to_fs(uri, **options)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
@@ -70,7 +81,7 @@ def write_json(uri: str, payload: Any) -> None:
     One PUT on object storage; a temporary file and a rename on local filesystems.
     """
     fs, path = filesystem(uri)
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    ensure_parent(fs, path)
     data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
     if _is_local(fs):
         temporary = f"{path}.{os.getpid()}.tmp"
@@ -79,6 +90,30 @@ def write_json(uri: str, payload: Any) -> None:
         os.replace(temporary, path)
     else:
         fs.pipe_file(path, data)
+
+
+def ensure_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create the parent directory of ``path`` on filesystems that have directories.
+
+    Not on object stores: there a prefix needs no creating, and s3fs's ``makedirs`` would create a
+    missing *bucket*, turning a typo in an output URI into a new bucket.
+    """
+    if _is_local(fs):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+
+
+@contextmanager
+def errors_naming(uri: str, action: str) -> Iterator[None]:
+    """Re-raise a storage error (403, missing bucket or path) with what was being done and where.
+
+    s3fs's messages ("Access Denied") name neither the URI nor the operation; the type is kept, so
+    callers and the CLI still tell a missing path from a refused one.
+    """
+    try:
+        yield
+    except (PermissionError, FileNotFoundError) as error:
+        reason = "access denied" if isinstance(error, PermissionError) else "not found"
+        raise type(error)(f"cannot {action} {redact_uri(uri)}: {reason} ({error})") from error
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -103,7 +138,7 @@ def create_exclusive(uri: str, data: bytes) -> None:
     Atomic on S3 (a conditional PUT, ``If-None-Match: *``) and on local filesystems (``O_EXCL``).
     """
     fs, path = filesystem(uri)
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    ensure_parent(fs, path)
     if _is_local(fs):
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(descriptor, "wb") as handle:

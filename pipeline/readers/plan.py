@@ -78,11 +78,12 @@ def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
     wrong path, and a silent zero-row run would hide it.
     """
     fs, root = storage.filesystem(input_uri)
-    if fs.isfile(root):
-        listing = {root: fs.info(root)}
-        root = fs._parent(root)
-    else:
-        listing = fs.find(root, withdirs=False, detail=True)
+    with storage.errors_naming(input_uri, "list input"):
+        if fs.isfile(root):
+            listing = {root: fs.info(root)}
+            root = fs._parent(root)
+        else:
+            listing = fs.find(root, withdirs=False, detail=True)
     shards: list[Shard] = []
     image_files: dict[str, list[ShardMember]] = defaultdict(list)
     sidecars = {path.rsplit(".", 1)[0] for path in listing if path.lower().endswith(".txt")}

@@ -46,6 +46,13 @@ class RunOutcome:
     committed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     stats: RunStats = field(default_factory=RunStats)
+    unwritten: int = 0  # records read from shards that failed, so in no output row
+
+    def accounting(self) -> dict[str, int | bool]:
+        """Records read against rows written; ``balanced`` only when every record is in exactly one row."""
+        records = self.stats.records + self.unwritten
+        balanced = records == self.stats.rows and not self.failed
+        return {"records_in": records, "rows_out": self.stats.rows, "balanced": balanced}
 
 
 @dataclass
@@ -110,6 +117,9 @@ class _ShardCommitter:
                 seen = f"{len(state.ordinals)} of {state.total if state.total >= 0 else 'an unknown number of'}"
                 self.outcome.failed[shard_id] = f"incomplete: {seen} records reached the writer"
         self.collect(block=True)
+        committed = set(self.outcome.committed)
+        lost = [state for shard_id, state in self.progress.items() if shard_id not in committed]
+        self.outcome.unwritten = sum(max(state.total, len(state.ordinals)) for state in lost)
         return self.outcome
 
     def _file(self, shard_id: str) -> str:
@@ -141,12 +151,17 @@ class _ShardCommitter:
     def _commit(self, shard_id: str, files: list[str], counts: dict[str, int]) -> None:
         state = self.progress[shard_id]
         models = {column: sorted(ids) for column, ids in state.models.items()}
-        self.before_commit()
         partial = bool(counts.pop("unread", 0))
         rows = sum(counts.values())
+        records = max(state.total, 0)
+        if rows != records:  # never commit a shard whose rows do not account for its records
+            logger.error("shard %s: %d records read but %d rows written; not committed", shard_id, records, rows)
+            self.outcome.failed[shard_id] = f"accounting: {records} records read, {rows} rows written"
+            return
+        self.before_commit()
         commit_shard(self.config.output, self.shards[shard_id], files, rows, counts, models, self.run_id, partial)
         self.outcome.committed.append(shard_id)
-        self.outcome.stats.add_rows(counts, models)
+        self.outcome.stats.add_rows(counts, models, records)
         logger.info("committed shard %s (%d rows)", shard_id, rows)
 
 

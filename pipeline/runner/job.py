@@ -39,7 +39,7 @@ class RunReport:
 
     @property
     def succeeded(self) -> bool:
-        return not self.summary["shards_failed"]
+        return self.summary["accounting"]["balanced"]
 
 
 def new_run_id(now: datetime) -> str:
@@ -134,11 +134,15 @@ def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | 
         summary = _summary(config, run_id, started, clock, shards, todo, skipped, outcome, mode)
         uri = storage.join(config.output, RUNS_DIR, f"{run_id}.json")
         storage.write_json(uri, summary)
-    logger.info(
-        "run %s: %d rows (%d ok) in %.1fs; summary %s",
+    accounting = summary["accounting"]
+    logger.log(
+        logging.INFO if accounting["balanced"] else logging.ERROR,
+        "run %s: %d records in, %d rows out (%d ok)%s in %.1fs; summary %s",
         run_id,
-        summary["rows"],
+        accounting["records_in"],
+        accounting["rows_out"],
         summary["rows_ok"],
+        "" if accounting["balanced"] else f"; NOT BALANCED, {len(summary['shards_failed'])} shards failed",
         summary["wall_seconds"],
         uri,
     )
@@ -162,6 +166,7 @@ def _summary(config, run_id, started, clock, shards, todo, skipped, outcome: Run
         "planned": [shard.shard_id for shard in todo] if mode.dry_run else None,
         "shards_committed": len(outcome.committed),
         "shards_failed": outcome.failed,
+        "accounting": outcome.accounting(),
         **outcome.stats.summary(),
         "rows_per_second": round(outcome.stats.rows / wall, 3) if wall else None,
         "config": config.redacted(),

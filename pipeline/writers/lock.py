@@ -58,26 +58,33 @@ class OutputLock:
     def acquire(self) -> None:
         """Take the lease, or raise ``OutputLockedError`` naming the run that holds it."""
         try:
-            storage.create_exclusive(self.uri, self._payload())
+            with storage.errors_naming(self.uri, "create the output lease"):
+                storage.create_exclusive(self.uri, self._payload())
         except FileExistsError:
             holder = self._read()
-            if holder is not None and not _is_stale(holder):
-                raise OutputLockedError(
-                    f"output {storage.redact_uri(self.uri.rsplit('/', 1)[0])} is being written by run "
-                    f"{holder.get('run_id')} on {holder.get('host')} (pid {holder.get('pid')}) until "
-                    f"{holder.get('expires_at')}; wait for it to finish, or delete {LOCK_FILE} if that run is gone"
-                ) from None
-            logger.warning("taking over the stale lease of run %s", (holder or {}).get("run_id"))
-            if self._read() != holder:
-                raise OutputLockedError(f"another run took over {self.uri} first") from None
-            fs, path = storage.filesystem(self.uri)
-            fs.rm_file(path)
-            try:
-                storage.create_exclusive(self.uri, self._payload())
-            except FileExistsError:
-                raise OutputLockedError(f"another run took over {self.uri} first") from None
+            if holder is None or holder.get("run_id") != self.run_id:
+                self._take_over(holder)
+            # else: ours already; the create was retried after a response was lost
         self._heartbeat = threading.Thread(target=self._renew, name="output-lock-heartbeat", daemon=True)
         self._heartbeat.start()
+
+    def _take_over(self, holder: dict | None) -> None:
+        """Replace a stale or unreadable lease; refuse a live one."""
+        if holder is not None and not _is_stale(holder):
+            raise OutputLockedError(
+                f"output {storage.redact_uri(self.uri.rsplit('/', 1)[0])} is being written by run "
+                f"{holder.get('run_id')} on {holder.get('host')} (pid {holder.get('pid')}) until "
+                f"{holder.get('expires_at')}; wait for it to finish, or delete {LOCK_FILE} if that run is gone"
+            ) from None
+        logger.warning("taking over the stale lease of run %s", (holder or {}).get("run_id"))
+        if self._read() != holder:
+            raise OutputLockedError(f"another run took over {self.uri} first") from None
+        fs, path = storage.filesystem(self.uri)
+        fs.rm_file(path)
+        try:
+            storage.create_exclusive(self.uri, self._payload())
+        except FileExistsError:
+            raise OutputLockedError(f"another run took over {self.uri} first") from None
 
     def _renew(self) -> None:
         interval = self.ttl.total_seconds() / 3

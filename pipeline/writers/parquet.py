@@ -90,7 +90,7 @@ def _counts(table: pa.Table) -> dict[str, int]:
 def write_table(table: pa.Table, uri: str, compression: str, row_group_rows: int | None = None) -> None:
     """Write one Parquet file; on object storage the object appears only when complete."""
     fs, path = storage.filesystem(uri)
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    storage.ensure_parent(fs, path)
     with fs.open(path, "wb") as handle:
         pq.write_table(table, handle, compression=compression, row_group_size=row_group_rows)
 
@@ -105,7 +105,7 @@ def finalize_shard(
     Rows are ordered by ``id`` within each row group, friendly to min/max statistics.
     """
     fs, path = storage.filesystem(final_uri)
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    storage.ensure_parent(fs, path)
     try:
         counts = _stream_parts(part_uris, fs, path, compression, row_group_rows)
     except BaseException:

@@ -111,6 +111,7 @@ def test_every_input_format_to_parquet_on_s3_with_one_row_per_record(ray_cluster
     summary = report.summary
     assert (summary["rows"], summary["rows_ok"], summary["errors_by_stage"]) == (21, 20, {"decode": 1})
     assert (summary["shards_planned"], summary["shards_committed"], summary["shards_failed"]) == (4, 4, {})
+    assert summary["accounting"] == {"records_in": 21, "rows_out": 21, "balanced": True}
     assert set(summary["stages"]) == {"read", "decode", "tune", "caption", "score", "encode"}
     manifest = [json.loads(s3.cat(p)) for p in s3.find(f"{BUCKET}/output/_manifest/")]
     assert sorted(m["rows"] for m in manifest) == [4, 4, 5, 8]
