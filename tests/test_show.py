@@ -2,16 +2,98 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pipeline.show import format_rows
-from pipeline.writers.parquet import StagedPartWriter
+import duckdb
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.core.batch import object_column
+from pipeline.readers.plan import output_name
+from pipeline.show import format_rows, select_rows
+from pipeline.writers.parquet import StagedPartWriter, finalize_shard
+from tests.conftest import BUCKET
 from tests.writers.test_parquet import _batch
+
+PREDICATES = [
+    "clip_score < 0.2",
+    "status = 'error'",
+    "caption IS NULL OR width > 40",
+    "dt = DATE '2026-11-23' AND generated_clip_score >= 0",
+    "regexp_matches(id, 'b[.]tar#1[0-9]$')",
+]
+
+
+def _write(output: str, day: str, batch: dict[str, np.ndarray]) -> None:
+    """Rows as a run commits them: staged parts, then one final file in the day's partition."""
+    parts = StagedPartWriter(f"{output}/_staging", "run", datetime.now(UTC))(batch)["part_uri"]
+    finalize_shard(
+        [str(uri) for uri in parts], f"{output}/dt={day}/{output_name(batch['source_shard'][0])}-run.parquet"
+    )
 
 
 def test_show_prints_ok_and_error_rows_with_long_ids_cut_from_the_left(tmp_path):
-    writer = StagedPartWriter(str(tmp_path / "dt=2026-11-22"), "run", datetime.now(UTC))
-    writer(_batch(["a-very-long-directory-name/with/a-shard.tar"] * 4, ["ok", "ok", "ok", "error"]))
+    shard = "a-very-long-directory-name/with/a-shard.tar"
+    _write(str(tmp_path), "2026-11-22", _batch([shard] * 4, ["ok", "ok", "ok", "error"]))
     lines = format_rows(str(tmp_path), limit=3).splitlines()
     assert lines[0].startswith("id ") and "clip_score" in lines[0]
     assert [line.split("|")[1].strip() for line in lines[1:]] == ["ok", "ok", "error"]
     assert lines[1].startswith("…") and lines[1].split("|")[0].strip().endswith("a-shard.tar#0")
     assert "bad" in lines[3]
+
+
+def _scored_batch(shard: str, count: int, seed: int) -> dict[str, np.ndarray]:
+    """Rows with varied scores, sizes and captions, some of them errors."""
+    rng = np.random.default_rng(seed)
+    statuses = ["error" if i % 7 == 3 else "ok" for i in range(count)]
+    batch = _batch([shard] * count, statuses)
+    ok = np.array([s == "ok" for s in statuses])
+    batch["clip_score"] = np.where(ok, rng.uniform(-0.2, 0.5, count), np.nan).astype(np.float32)
+    batch["generated_clip_score"] = np.where(ok, rng.uniform(-0.2, 0.5, count), np.nan).astype(np.float32)
+    batch["width"] = np.where(ok, rng.integers(10, 80, count), -1).astype(np.int32)
+    batch["caption"] = object_column(None if i % 5 == 0 else f"caption {i}" for i in range(count))
+    return batch
+
+
+@pytest.fixture
+def s3_output(s3):
+    """An output on S3 written by the pipeline's writer: two date partitions, 60 rows."""
+    output = f"s3://{BUCKET}/curated"
+    for day, shard, seed in (("2026-11-22", "a.tar", 1), ("2026-11-23", "b.tar", 2)):
+        _write(output, day, _scored_batch(shard, 30, seed))
+    return output
+
+
+@pytest.mark.parametrize("predicate", PREDICATES)
+def test_show_where_returns_exactly_the_rows_duckdb_selects(s3, s3_output, predicate):
+    connection = duckdb.connect()
+    connection.register_filesystem(s3)
+    expected = connection.sql(
+        f"SELECT id FROM read_parquet('{s3_output}/dt=*/*.parquet', hive_partitioning=true) WHERE {predicate}"
+    ).fetchall()
+    rows = select_rows(s3_output, where=predicate, limit=1000)
+    assert 0 < len(expected) < 60
+    assert {row["id"] for row in rows} == {row[0] for row in expected}
+    assert len(rows) == len(expected)
+
+
+def test_show_command_prints_at_most_limit_matching_rows(s3, s3_output, capsys):
+    assert main(["show", s3_output, "--where", "status = 'ok' AND clip_score < 0.2", "--limit", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.split("|")[1].strip() == "ok" for line in lines[1:])
+    assert all(float(line.split("|")[6]) < 0.2 for line in lines[1:])
+
+
+@pytest.mark.parametrize(
+    ("predicate", "message"),
+    [
+        ("clip_score <", "Parser Error"),
+        ("no_such_column > 1", 'column "no_such_column" not found'),
+        ("clip_score < 0.2; DROP TABLE x", "one filter expression"),
+        ("1 = 1) UNION SELECT 1 --", "Parser Error"),
+    ],
+)
+def test_show_refuses_what_is_not_one_valid_filter_expression_with_exit_code_2(
+    s3, s3_output, capsys, predicate, message
+):
+    assert main(["show", s3_output, "--where", predicate]) == 2
+    assert message in capsys.readouterr().err
