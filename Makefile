@@ -20,4 +20,5 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check pipeline jobs tests
 
 test: lint
+	.ci/chromium
 	$(PY) -m pytest

@@ -2,7 +2,8 @@
 
 Everything is local: a local Ray, local storage under ``--workdir``. Where pretrained CLIP/CoCa
 weights cannot be downloaded, it says so and runs them with explicitly random weights, labelled in
-every output row.
+every output row. It ends by writing the run's HTML report beside the output
+(``<workdir>/report.html``) and printing its path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from pipeline.core.config import RANDOM, load_config
 from pipeline.models.openclip import pretrained_unavailable
+from pipeline.report import build_report, save_report
 from pipeline.runner.job import run_batch_job
 from pipeline.sample import sample_records, write_webdataset
 from pipeline.show import format_rows
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run summary: {report.uri}")
     query = f"SELECT id, status, generated_caption, clip_score FROM read_parquet('{output_dir}/dt=*/*.parquet')"
     print(f'query it: duckdb -c "{query}"')
+    print(f'filter it: imagetune show {output_dir} --where "clip_score < 0.05"')
+    page = save_report(build_report(str(output_dir), report.summary["run_id"]), str(workdir / "report.html"))
+    print(f"report: {page}")
     return 0 if report.succeeded else 1
 
 

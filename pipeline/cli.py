@@ -13,6 +13,8 @@ COMMANDS = {
     "refresh": ("jobs.refresh", "process only new or changed shards (the nightly job)"),
     "submit": ("jobs.submit", "submit run/refresh to a Ray cluster: submit --address URL -- refresh ..."),
     "demo": ("jobs.demo", "build a sample dataset and run the whole pipeline on it locally"),
+    "report": ("jobs.report", "write an HTML report of a run: report OUTPUT [--run RUN_ID] [--html FILE]"),
+    "show": ("pipeline.show", "print rows of an output: show OUTPUT [--where SQL_EXPRESSION] [--limit N]"),
 }
 
 
