@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 from functools import lru_cache
@@ -24,6 +25,7 @@ from pipeline.core import storage
 logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+MAX_SAFETENSORS_HEADER = 100 * 2**20  # the format's own limit
 CHECKPOINT_NAMES = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -45,7 +47,33 @@ def locate_checkpoint(uri: str, allow_pickle: bool = False) -> tuple[Any, str, d
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint not found: {storage.redact_uri(uri)}") from error
     _check_format(path, allow_pickle)
+    if path.endswith(".safetensors"):
+        _check_safetensors_layout(fs, path, int(info.get("size") or 0), uri)
     return fs, path, info
+
+
+def _check_safetensors_layout(fs, path: str, size: int, uri: str) -> None:
+    """Catch a truncated or corrupt safetensors file from its header alone (two small range reads).
+
+    The layout is an 8-byte little-endian header length, a JSON header giving each tensor's byte
+    range, then the data; the file must end exactly where the last tensor does.
+    """
+
+    def corrupt(reason: str) -> CheckpointError:
+        return CheckpointError(f"corrupt checkpoint {storage.redact_uri(uri)}: {reason}")
+
+    if size < 8:
+        raise corrupt(f"{size} bytes is too short for a safetensors file")
+    length = int.from_bytes(fs.cat_file(path, start=0, end=8), "little")
+    if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+        raise corrupt(f"header length {length} does not fit the file's {size} bytes")
+    try:
+        header = json.loads(fs.cat_file(path, start=8, end=8 + length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise corrupt(f"unreadable header ({error})") from error
+    if 8 + length + end != size:
+        raise corrupt(f"tensors end at byte {8 + length + end} but the file has {size} (truncated or padded)")
 
 
 def fetch_checkpoint(uri: str, cache_dir: str, allow_pickle: bool = False) -> Path:
