@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import re
 import socket
 import struct
 import threading
@@ -38,6 +39,7 @@ class FaultPlan:
     denied_buckets: set[str] = field(default_factory=set)
     injected: Counter = field(default_factory=Counter)  # (method, kind) → count
     forwarded: Counter = field(default_factory=Counter)  # method → count
+    access_keys: set[str] = field(default_factory=set)  # from SigV4 ``Credential=<key>/...``
 
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
@@ -98,6 +100,9 @@ class FaultProxy:
 
             def _relay(self) -> None:
                 body = self._body()
+                credential = re.search(r"Credential=([^/]+)/", self.headers.get("Authorization", ""))
+                if credential:
+                    proxy.plan.access_keys.add(credential.group(1))
                 fault = proxy.plan.choose(self.command, self.path)
                 if fault is None:
                     self._forward(body)
