@@ -53,7 +53,9 @@ def _tar_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
             if match is None:
                 continue
             member_key, extension = match.group(1), match.group(2).lower()
-            if member_key != key:
+            # A member whose extension its group already has is the same key written again: a new
+            # record (the duplicate becomes an error row), never an overwrite of the first.
+            if member_key != key or extension in group:
                 if key is not None:
                     yield _tar_record(shard, key, group, config)
                 key, group = member_key, {}

@@ -66,14 +66,15 @@ def test_tar_record_without_image_and_duplicate_key_become_error_rows(tmp_path, 
         _add(tar, "a.png", photos[1].data)
         _add(tar, "c.json", b'{"caption": "from json"}')
         _add(tar, "c.jpg", photos[2].data)
+        _add(tar, "c.jpg", photos[3].data)  # the same key again, right after: not an overwrite
     (shard,) = plan_shards(str(tmp_path))
     _, rows = _rows(shard)
-    assert list(rows["source_key"]) == ["a", "b", "a#duplicate-1", "c"]
-    assert list(rows["status"]) == ["ok", "error", "error", "ok"]
+    assert list(rows["source_key"]) == ["a", "b", "a#duplicate-1", "c", "c#duplicate-1"]
+    assert list(rows["status"]) == ["ok", "error", "error", "ok", "error"]
     assert "no image member" in rows["error_message"][1]
     assert "duplicate key 'a'" in rows["error_message"][2]
     assert rows["caption"][3] == "from json"
-    assert len(set(rows["id"])) == 4
+    assert len(set(rows["id"])) == 5
 
 
 def test_unreadable_tar_keeps_what_was_read_and_accounts_for_the_rest(tmp_path, photos):
