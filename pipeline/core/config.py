@@ -37,6 +37,7 @@ class DecodeConfig:
 
     max_side: int = 1024
     max_pixels: int = 178_956_970
+    jpeg_draft: bool = True  # DCT-domain downscaling of large JPEGs while decoding
     num_cpus: float = 1.0
 
 
@@ -53,7 +54,11 @@ class TuneConfig:
 
 @dataclass
 class CaptionConfig:
-    """open_clip CoCa caption generation, with ``CoCa.generate``'s own settings."""
+    """open_clip CoCa caption generation, with ``CoCa.generate``'s own settings.
+
+    ``decoder="cached"`` decodes with a key/value cache (same tokens, several times faster);
+    ``"open_clip"`` calls ``CoCa.generate`` itself, for models the cache does not support.
+    """
 
     enabled: bool = True
     model: str = "coca_ViT-B-32"
@@ -65,6 +70,7 @@ class CaptionConfig:
     num_beam_groups: int = 3
     min_seq_len: int = 5
     repetition_penalty: float = 1.0
+    decoder: Literal["cached", "open_clip"] = "cached"
     allow_pickle: bool = False
 
 

@@ -55,7 +55,9 @@ def build_stages(config: JobConfig) -> PipelineStages:
         models.append(CaptionStage(config.caption, cache))
     models.append(ClipScoreStage(config.clip, cache))
     return PipelineStages(
-        decode=DecodeStage(max_side=config.decode.max_side, max_pixels=config.decode.max_pixels),
+        decode=DecodeStage(
+            max_side=config.decode.max_side, max_pixels=config.decode.max_pixels, jpeg_draft=config.decode.jpeg_draft
+        ),
         models=models,
         encode=EncodeStage(format=config.encode.format, quality=config.encode.quality),
     )

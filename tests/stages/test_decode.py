@@ -129,3 +129,22 @@ def test_stage_marks_failures_and_keeps_every_row(photos):
     assert out["sha256"][0] == hashlib.sha256(good).hexdigest()
     assert out["width"][0] == 96 and out["width"][1] == -1
     assert "image_bytes" not in out
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_jpeg_draft_decodes_large_photos_scaled_close_to_the_full_decode(photos, orientation):
+    photo = Image.open(io.BytesIO(photos[0].data)).convert("RGB").resize((1600, 1200), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(photo, "JPEG", quality=92, exif=exif)
+    full = decode_image(data, 256, LIMIT, jpeg_draft=False)
+    draft = decode_image(data, 256, LIMIT, jpeg_draft=True)
+    upright = (1600, 1200) if orientation == 1 else (1200, 1600)
+    assert (draft.width, draft.height) == (full.width, full.height) == upright
+    assert draft.pixels.shape == full.pixels.shape == (upright[1] * 256 // 1600, upright[0] * 256 // 1600, 3)
+    assert _psnr(draft.pixels, full.pixels) > 30
