@@ -95,9 +95,7 @@ def _contact_card(row: dict[str, Any], original: Original) -> Card:
 def save_report(report: Report, destination: str) -> str:
     """Write the HTML to a local path or any fsspec URI; returns where it went (absolute when local)."""
     fs, path = storage.filesystem(destination)
-    parent = fs._parent(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    storage.ensure_parent(fs, path)
     with fs.open(path, "wb") as handle:
         handle.write(report.html.encode())
     return destination if storage.is_remote(destination) else path

@@ -28,6 +28,23 @@ from pipeline.readers.plan import output_name
 from pipeline.stages.base import SECONDS_PREFIX
 
 MODEL_COLUMNS = ("tuner_model", "caption_model", "clip_model")
+# Final files are read by query engines and by readers that want a few images: small pages of the
+# large columns plus a page index let them fetch one image without reading its whole column chunk,
+# and only low-cardinality columns are dictionary-encoded (never image bytes or embeddings).
+FINAL_FILE_OPTIONS: dict[str, Any] = {
+    "write_batch_size": 64,
+    "write_page_index": True,
+    "use_dictionary": [
+        "source_shard",
+        "status",
+        "error_stage",
+        "error_message",
+        "format",
+        "tuned_format",
+        *MODEL_COLUMNS,
+        "run_id",
+    ],
+}
 
 
 @dataclass
@@ -123,7 +140,7 @@ def _stream_parts(part_uris: list[str], fs, path: str, compression: str, row_gro
     counts: Counter = Counter()
     with (
         fs.open(path, "wb") as handle,
-        pq.ParquetWriter(handle, OUTPUT_SCHEMA, compression=compression) as writer,
+        pq.ParquetWriter(handle, OUTPUT_SCHEMA, compression=compression, **FINAL_FILE_OPTIONS) as writer,
     ):
         pending: list[pa.Table] = []
         pending_rows = 0

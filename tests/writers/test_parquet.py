@@ -50,6 +50,11 @@ def test_staged_parts_per_shard_then_one_final_file_with_the_contract_schema(tmp
     assert result["rows"] == table.num_rows == 3
     assert result["counts"] == {"ok": 2, "error:decode": 1}
     assert table.schema.equals(OUTPUT_SCHEMA)
+    chunks = pq.ParquetFile(tmp_path / "dt=2026-11-22" / "b.parquet").metadata.row_group(0)
+    columns = {chunks.column(i).path_in_schema: chunks.column(i) for i in range(chunks.num_columns)}
+    assert columns["tuned_image"].has_offset_index, "a page index lets readers fetch single images"
+    assert not any("DICTIONARY" in e for e in columns["tuned_image"].encodings)
+    assert any("DICTIONARY" in e for e in columns["status"].encodings)
     assert table.column("id").to_pylist() == ["b.tar#0", "b.tar#2", "b.tar#3"]
     assert table.column("width").to_pylist() == [10, None, 10]
     assert table.column("clip_score").to_pylist() == [0.5, None, 0.5]
