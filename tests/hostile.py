@@ -98,7 +98,7 @@ def swapped_primaries_profile() -> bytes:
     return bytes(data)
 
 
-def oriented_jpeg(orientation: int) -> bytes:
+def oriented_image(orientation: int, image_format: str = "JPEG") -> bytes:
     """A 30×20 upright picture stored the way a camera with EXIF ``orientation`` stores it."""
     upright = np.zeros((20, 30, 3), np.uint8)
     upright[:6, :6] = 255
@@ -116,7 +116,7 @@ def oriented_jpeg(orientation: int) -> bytes:
         stored = stored.transpose(step)
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return encode(stored, "JPEG", quality=95, exif=exif)
+    return encode(stored, image_format, exif=exif, **({"quality": 95} if image_format == "JPEG" else {}))
 
 
 def hostile_images() -> list[HostileImage]:
@@ -179,7 +179,7 @@ def hostile_images() -> list[HostileImage]:
         ),
     ]
     images += [
-        HostileImage(f"exif-orientation-{o}", oriented_jpeg(o), "jpg", size=(30, 20), check=marker_top_left)
+        HostileImage(f"exif-orientation-{o}", oriented_image(o), "jpg", size=(30, 20), check=marker_top_left)
         for o in range(1, 9)
     ]
     return images
