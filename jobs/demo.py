@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\noutput: {output_dir}  ({report.summary['rows']} rows, {report.summary['rows_ok']} ok)")
     print(f"run summary: {report.uri}")
     query = f"SELECT id, status, generated_caption, clip_score FROM read_parquet('{output_dir}/dt=*/*.parquet')"
-    print(f'query it: duckdb -c "{query}"')
+    print(f'query it: {sys.executable} -c "import duckdb; duckdb.sql(\\"{query}\\").show()"')
     print(f'filter it: imagetune show {output_dir} --where "clip_score < 0.05"')
     page = save_report(build_report(str(output_dir), report.summary["run_id"]), str(workdir / "report.html"))
     print(f"report: {page}")
