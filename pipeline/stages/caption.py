@@ -10,6 +10,7 @@ import torch
 
 from pipeline.core.batch import Batch, fill, ok_mask, writable
 from pipeline.core.config import CaptionConfig
+from pipeline.models.coca_decoder import CocaCaptionDecoder
 from pipeline.models.openclip import OpenClipModel, load_open_clip, select_device
 from pipeline.stages.base import Stage
 
@@ -26,7 +27,10 @@ def decode_tokens(tokenizer, tokens: torch.Tensor) -> list[str]:
 
 @dataclass
 class CaptionStage(Stage):
-    """``image`` → ``generated_caption`` with ``CoCa.generate`` and the configured settings."""
+    """``image`` → ``generated_caption``: the tokens of ``CoCa.generate`` with the configured settings.
+
+    ``config.decoder`` picks the cached decoder (default) or ``CoCa.generate`` itself.
+    """
 
     config: CaptionConfig
     cache_dir: str = "~/.cache/imagetune/checkpoints"
@@ -37,6 +41,8 @@ class CaptionStage(Stage):
         self._coca: OpenClipModel = load_open_clip(
             config.model, config.pretrained, select_device(), self.cache_dir, config.allow_pickle
         )
+        model = self._coca.model
+        self._generate = CocaCaptionDecoder(model).generate if config.decoder == "cached" else model.generate
 
     def generate(self, images: list[np.ndarray]) -> list[str]:
         """Captions for uint8 images, in order."""
@@ -45,7 +51,7 @@ class CaptionStage(Stage):
         for start in range(0, len(images), config.batch_size):
             pixels = coca.pixels(images[start : start + config.batch_size])
             with torch.inference_mode(), coca.autocast():
-                tokens = coca.model.generate(
+                tokens = self._generate(
                     pixels,
                     seq_len=config.seq_len,
                     generation_type=config.generation_type,
