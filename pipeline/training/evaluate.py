@@ -1,0 +1,205 @@
+"""Evaluation of a tuner against the degraded input and classical baselines, and its CPU throughput.
+
+Protocol of the published denoising tables: additive Gaussian noise on clean/255 with standard
+deviation sigma/255 (float, unclipped, fixed seed), fed to the model unclipped and unquantised;
+JPEG with Pillow at 4:2:0. Every output, the input's included, is clipped and rounded to uint8
+before it is scored, so all columns are measured alike (the float input is what the model sees;
+the uint8 input is what a file would hold and what OpenCV's filters take). PSNR and SSIM on RGB.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from pipeline.core import storage
+from pipeline.models.degrade import gaussian_noise, jpeg_compress, to_uint8
+from pipeline.models.tuner import RestorationNet, restore_images
+from pipeline.training.metrics import psnr, ssim
+
+logger = logging.getLogger(__name__)
+
+CV2_HINT = "the classical baselines need OpenCV: pip install 'imagetune[eval]' (or pass --no-baselines)"
+# Grids searched per condition on the first images (factors of sigma for noise, absolute for JPEG).
+NLM_NOISE_FACTORS = (0.6, 0.8, 1.0, 1.2)
+NLM_JPEG_STRENGTHS = (2.0, 4.0, 7.0, 10.0)
+BILATERAL_NOISE_FACTORS = (1.0, 2.0, 3.0)
+BILATERAL_JPEG_STRENGTHS = (10.0, 20.0, 40.0)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One degradation of the evaluation: ``gaussian`` (level = sigma), ``jpeg`` (quality) or ``clean``."""
+
+    kind: str
+    level: int = 0
+
+    @property
+    def label(self) -> str:
+        return {"gaussian": f"gaussian sigma={self.level}", "jpeg": f"jpeg q={self.level}"}.get(self.kind, "clean")
+
+    def apply(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The degraded float image in [0, 1] (unclipped for Gaussian noise)."""
+        if self.kind == "gaussian":
+            return gaussian_noise(clean.astype(np.float32) / 255.0, float(self.level), rng)
+        if self.kind == "jpeg":
+            return jpeg_compress(clean, self.level).astype(np.float32) / 255.0
+        return clean.astype(np.float32) / 255.0
+
+
+def conditions(sigmas: list[int], qualities: list[int]) -> list[Condition]:
+    """The evaluation's conditions: each sigma, each JPEG quality, then clean ("do no harm")."""
+    return [
+        *(Condition("gaussian", s) for s in sigmas),
+        *(Condition("jpeg", q) for q in qualities),
+        Condition("clean"),
+    ]
+
+
+@torch.inference_mode()
+def run_model(model: RestorationNet, image: np.ndarray, device: torch.device) -> np.ndarray:
+    """The model's uint8 output for one float H×W×3 image, whole (no tiling), edge-padded to its grid."""
+    height, width = image.shape[:2]
+    factor = model.arch.multiple
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
+    tensor = F.pad(tensor, (0, -width % factor, 0, -height % factor), mode="replicate")
+    output = model(tensor)[0, :, :height, :width].float().clamp(0, 1)
+    return output.mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def evaluate(
+    model: RestorationNet,
+    images: list[tuple[str, np.ndarray]],
+    sigmas: list[int],
+    qualities: list[int],
+    baselines: bool = True,
+    seed: int = 0,
+    tune_images: int = 2,
+    device: torch.device | None = None,
+) -> dict:
+    """PSNR/SSIM of input, model and (optionally) OpenCV NLM and bilateral baselines per condition.
+
+    Baseline strengths are grid-searched per condition on the first ``tune_images`` images (the
+    chosen value is recorded). Raises ``ImportError`` with the install hint when baselines are
+    asked for and OpenCV is missing.
+    """
+    device = device or torch.device("cpu")
+    cv2 = _require_cv2() if baselines else None
+    model = model.to(device).eval()
+    rows = []
+    for condition in conditions(sigmas, qualities):
+        inputs = [condition.apply(clean, _rng(seed, i, condition)) for i, (_, clean) in enumerate(images)]
+        cleans = [clean for _, clean in images]
+        methods: dict[str, dict] = {
+            "input": _score(cleans, [to_uint8(x) for x in inputs]),
+            "model": _score(cleans, [run_model(model, x, device) for x in inputs]),
+        }
+        if cv2 is not None and condition.kind != "clean":
+            uint8_inputs = [to_uint8(x) for x in inputs]
+            for name, make, grid in _baselines(cv2, condition):
+                methods[name] = _tuned_baseline(make, grid, cleans, uint8_inputs, tune_images)
+        rows.append({"condition": condition.kind, "level": condition.level, "label": condition.label, **methods})
+        logger.info("%s: %s", condition.label, {k: round(v["psnr"], 2) for k, v in methods.items()})
+    return {"images": len(images), "seed": seed, "protocol": __doc__.split("\n\n")[1].replace("\n", " "), "rows": rows}
+
+
+def _rng(seed: int, index: int, condition: Condition) -> np.random.Generator:
+    return np.random.default_rng([seed, index, condition.level, len(condition.kind)])
+
+
+def _score(cleans: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str, float]:
+    return {
+        "psnr": float(np.mean([psnr(c, o) for c, o in zip(cleans, outputs, strict=True)])),
+        "ssim": float(np.mean([ssim(c, o) for c, o in zip(cleans, outputs, strict=True)])),
+    }
+
+
+def _tuned_baseline(
+    make: Callable, grid: list[float], cleans: list[np.ndarray], inputs: list[np.ndarray], tune_images: int
+) -> dict:
+    """Pick the strength with the best mean PSNR on the first images, then score it on all of them."""
+
+    def tuning_psnr(strength: float) -> float:
+        return float(np.mean([psnr(c, make(x, strength)) for c, x in zip(cleans[:tune_images], inputs, strict=False)]))
+
+    best = max(grid, key=tuning_psnr)
+    return {**_score(cleans, [make(x, best) for x in inputs]), "param": best}
+
+
+def _baselines(cv2, condition: Condition) -> list[tuple[str, Callable, list[float]]]:
+    """(name, filter(image, strength), strengths to search) for OpenCV's NLM and bilateral filters."""
+
+    def nlm(image: np.ndarray, h: float) -> np.ndarray:
+        return cv2.fastNlMeansDenoisingColored(image, None, h, h, 7, 21)
+
+    def bilateral(image: np.ndarray, sigma_color: float) -> np.ndarray:
+        return cv2.bilateralFilter(image, 9, sigma_color, 3.0)
+
+    if condition.kind == "gaussian":
+        level = float(condition.level)
+        return [
+            ("nlm", nlm, [round(f * level, 1) for f in NLM_NOISE_FACTORS]),
+            ("bilateral", bilateral, [f * level for f in BILATERAL_NOISE_FACTORS]),
+        ]
+    return [("nlm", nlm, list(NLM_JPEG_STRENGTHS)), ("bilateral", bilateral, list(BILATERAL_JPEG_STRENGTHS))]
+
+
+def _require_cv2():
+    try:
+        import cv2
+    except ImportError as error:
+        raise ImportError(CV2_HINT) from error
+    return cv2
+
+
+def format_markdown(table: dict, title: str = "") -> str:
+    """The evaluation as a Markdown table: PSNR (dB) / SSIM per condition and method."""
+    methods = [m for m in ("input", "model", "nlm", "bilateral") if any(m in row for row in table["rows"])]
+    lines = [f"{title}\n" if title else ""]
+    lines.append("| condition | " + " | ".join(methods) + " |")
+    lines.append("| --- |" + " --- |" * len(methods))
+    for row in table["rows"]:
+        cells = []
+        for method in methods:
+            result = row.get(method)
+            if result is None:
+                cells.append("")
+                continue
+            param = f" (h={result['param']:g})" if "param" in result and method == "nlm" else ""
+            cells.append(f"{result['psnr']:.2f} / {result['ssim']:.4f}{param}")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).strip() + "\n"
+
+
+def save_table(prefix: str, result: dict, markdown: str) -> None:
+    """Write ``PREFIX.json`` and ``PREFIX.md`` (local path or any fsspec URI)."""
+    storage.write_json(f"{prefix}.json", result)
+    fs, path = storage.filesystem(f"{prefix}.md")
+    storage.ensure_parent(fs, path)
+    with fs.open(path, "w") as handle:
+        handle.write(markdown)
+
+
+def measure_throughput(
+    model: RestorationNet, side: int = 1024, tile_size: int = 512, repeats: int = 3, batch_size: int = 4
+) -> dict[str, float]:
+    """CPU megapixels per second of the pipeline's own path (``restore_images``: uint8, tiled).
+
+    The overlap is the smallest the tune stage accepts for this model (its receptive radius).
+    """
+    device = torch.device("cpu")
+    model = model.to(device).eval()
+    image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    overlap = model.arch.receptive_radius + model.arch.receptive_radius % 2
+    restore_images(model, [image], tile_size, overlap, batch_size, device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        restore_images(model, [image], tile_size, overlap, batch_size, device)
+    seconds = (time.perf_counter() - start) / repeats
+    return {"megapixels_per_second": side * side / 1e6 / seconds, "side": side, "threads": torch.get_num_threads()}
