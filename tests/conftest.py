@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from pipeline.models.openclip import initialise_random_weights
 from pipeline.sample import SampleRecord, sample_records
 
-MODELS = Path(__file__).parent / "data" / "models"
+MODELS = Path(__file__).parent.parent / "pipeline" / "configs" / "models"
 TINY_CLIP = str(MODELS / "tiny-clip.json")
 TINY_COCA = str(MODELS / "tiny-coca.json")
 BUCKET = "imagetune-test"
