@@ -27,10 +27,11 @@ logger = logging.getLogger(__name__)
 
 CV2_HINT = "the classical baselines need OpenCV: pip install 'imagetune[eval]' (or pass --no-baselines)"
 # Grids searched per condition on the first images (factors of sigma for noise, absolute for JPEG).
-NLM_NOISE_FACTORS = (0.6, 0.8, 1.0, 1.2)
+# OpenCV's colour NLM filters L*a*b*, where RGB noise of sigma is weaker: its best h is about 0.4 sigma.
+NLM_NOISE_FACTORS = (0.3, 0.4, 0.5, 0.6, 0.8)
 NLM_JPEG_STRENGTHS = (2.0, 4.0, 7.0, 10.0)
-BILATERAL_NOISE_FACTORS = (1.0, 2.0, 3.0)
-BILATERAL_JPEG_STRENGTHS = (10.0, 20.0, 40.0)
+BILATERAL_NOISE_FACTORS = (2.0, 3.0, 4.0, 6.0)
+BILATERAL_JPEG_STRENGTHS = (10.0, 20.0, 40.0, 80.0)
 
 
 @dataclass(frozen=True)
