@@ -43,9 +43,14 @@ class DecodeConfig:
 
 @dataclass
 class TuneConfig:
-    """The restoration CNN. ``model`` is a checkpoint path/URI, or ``random`` (explicit, labelled)."""
+    """The restoration CNN. ``model`` is a checkpoint path/URI, ``default`` or ``random``.
 
-    model: str | None = None
+    A checkpoint is a ``.safetensors`` file or a directory holding ``model.safetensors``. ``default``
+    is the checkpoint shipped in the package (see its model card); ``random`` an untrained network,
+    explicit and labelled.
+    """
+
+    model: str | None = "default"
     tile_size: int = 512
     tile_overlap: int = 32
     batch_size: int = 8

@@ -11,14 +11,19 @@ from pipeline.core.batch import Batch, fill, object_column, ok_mask, writable
 from pipeline.core.config import RANDOM, TuneConfig
 from pipeline.models.checkpoints import fetch_checkpoint
 from pipeline.models.openclip import select_device
-from pipeline.models.tuner import load_tuner, random_tuner, restore_images
+from pipeline.models.tuner import DEFAULT, default_tuner, load_tuner, random_tuner, restore_images
 from pipeline.stages.base import Stage
 
 
 def load_tuner_model(model: str, cache_dir: str, allow_pickle: bool = False):
-    """The tuner for ``model``: a checkpoint path/URI or ``random``. Returns (network, model id)."""
+    """The tuner for ``model``: a checkpoint path/URI, ``default`` or ``random``. Returns (network, model id).
+
+    ``default`` is resolved here, on the worker, to the checkpoint packaged with the installed code.
+    """
     if model == RANDOM:
         return random_tuner()
+    if model == DEFAULT:
+        return default_tuner()
     return load_tuner(str(fetch_checkpoint(model, cache_dir, allow_pickle)))
 
 

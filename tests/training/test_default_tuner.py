@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from pipeline.core.config import TuneConfig
+from pipeline.models.tuner import DEFAULT_DIR, default_tuner, restore_images
+from pipeline.stages.tune import TuneStage
+from pipeline.training.metrics import psnr
+
+
+def test_default_tuner_ships_with_its_card_and_is_what_the_stage_loads_by_default():
+    model, model_id = default_tuner()
+    card = json.loads((DEFAULT_DIR / "model_card.json").read_text())
+    assert model_id.startswith(f"imagetune-tuner:{card['name']}@sha256:")
+    assert card["architecture"]["parameters"] == sum(p.numel() for p in model.parameters())
+    assert card["architecture"]["gmac_per_megapixel"] <= 250
+    assert card["data"]["provenance"]["licenses"] == ["GPL-2+"] and card["training"]["steps"] > 0
+    assert {e["dataset"] for e in card["evaluations"]} >= {"kodak24"}
+    assert TuneConfig().model == "default"
+    stage = TuneStage(TuneConfig())
+    stage.setup()
+    assert stage._model_id == model_id
+
+
+def test_default_tuner_removes_noise_and_leaves_clean_images_alone():
+    from skimage import data
+
+    model, _ = default_tuner()
+    clean = np.ascontiguousarray(data.astronaut()[:128, :128])
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 25, clean.shape), 0, 255).astype(np.uint8)
+    cpu = torch.device("cpu")
+    restored, untouched = restore_images(model, [noisy, clean], 512, 32, 2, cpu)
+    assert psnr(clean, restored) > psnr(clean, noisy) + 3
+    assert psnr(clean, untouched) > 35
