@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     input_dir, output_dir = workdir / "input", workdir / "output"
     shards = write_webdataset(sample_records(), input_dir, shard_size=8)
     print(f"sample dataset: {len(shards)} WebDataset shards of real photographs in {input_dir}")
-    overrides = ["tune.model=random", "encode.format=jpeg"]
+    overrides = ["encode.format=jpeg"]
     for section, name, tag in (
         ("clip", "ViT-B-32", "laion2b_s34b_b79k"),
         ("caption", "coca_ViT-B-32", "mscoco_finetuned_laion2b_s13b_b90k"),
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
                 "and every row says so in its provenance columns."
             )
             overrides.append(f"{section}.pretrained={RANDOM}")
-    print("NOTE: no trained tuner checkpoint ships yet; the tuner runs untrained (identity), labelled RANDOM-WEIGHTS.")
     config = load_config(None, overrides + args.set, input=str(input_dir), output=str(output_dir))
     report = run_batch_job(config)
     print()

@@ -15,6 +15,7 @@ from pipeline.core import storage
 from pipeline.core.config import RANDOM, JobConfig
 from pipeline.models.checkpoints import locate_checkpoint
 from pipeline.models.openclip import is_checkpoint_path, register_model_config
+from pipeline.models.tuner import DEFAULT
 from pipeline.readers.plan import Shard, plan_shards
 from pipeline.runner.execute import PipelineStages, RunOutcome, init_ray, run_stages
 from pipeline.stages.caption import CaptionStage
@@ -65,7 +66,7 @@ def build_stages(config: JobConfig) -> PipelineStages:
 
 def preflight(config: JobConfig) -> None:
     """Fail before reading any data when a model cannot be found or would load unsafely."""
-    if config.tune.model != RANDOM:
+    if config.tune.model not in (RANDOM, DEFAULT):
         locate_checkpoint(config.tune.model or "", config.tune.allow_pickle)
     checks = [(config.clip.model, config.clip.pretrained, config.clip.allow_pickle)]
     if config.caption.enabled:

@@ -28,9 +28,13 @@ def test_unknown_keys_and_bad_types_name_the_key():
         load_config(None, ["encode.format=gif", "tune.model=random"], input="a", output="b")
 
 
-def test_missing_tuner_model_explains_the_fix():
+def test_an_empty_tuner_model_explains_the_fix():
     with pytest.raises(ValueError, match="tune.model is required.*'random'"):
-        load_config(None, [], input="a", output="b")
+        load_config(None, ["tune.model="], input="a", output="b")
+
+
+def test_the_tuner_defaults_to_the_packaged_checkpoint():
+    assert load_config(None, [], input="a", output="b").tune.model == "default"
 
 
 def test_redacted_config_hides_credentials_in_uris():
