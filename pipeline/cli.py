@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": ("jobs.demo", "build a sample dataset and run the whole pipeline on it locally"),
     "report": ("jobs.report", "write an HTML report of a run: report OUTPUT [--run RUN_ID] [--html FILE]"),
     "show": ("pipeline.show", "print rows of an output: show OUTPUT [--where SQL_EXPRESSION] [--limit N]"),
+    "bench": ("jobs.bench", "measure stages, pipeline, a PyTorch baseline, memory and listing; print one table"),
     "train-tuner": ("jobs.train_tuner", "train the tuner on a sample of --input; writes model + card to --output"),
     "eval-tuner": ("jobs.eval_tuner", "PSNR/SSIM of a tuner vs. baselines: eval-tuner --model URI --images DIR"),
 }
