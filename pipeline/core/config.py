@@ -12,11 +12,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from pipeline.core.storage import redact_uri
+
+ConfigT = TypeVar("ConfigT")
 
 RANDOM = "random"
 
@@ -181,21 +183,25 @@ class JobConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> JobConfig:
     """Build a ``JobConfig`` from a YAML file, keyword values, then ``key.sub=value`` overrides."""
+    return build_config(JobConfig, path, overrides, values)
+
+
+def build_config(cls: type[ConfigT], path: str | Path | None, overrides: list[str] | None, values: dict) -> ConfigT:
+    """Any job's typed config (a dataclass with ``input``, ``output`` and ``validate()``) from a YAML
+    file, keyword values, then ``key.sub=value`` overrides; unknown keys and wrong types raise."""
     data: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
         data = loaded
-    for key, value in values.items():
-        if value is not None:
-            data[key] = value
+    data.update({key: value for key, value in values.items() if value is not None})
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
         _set_path(data, key.split("."), yaml.safe_load(raw))
-    config = _build(JobConfig, data, "")
+    config = _build(cls, data, "")
     config.validate()
     # Relative local paths mean the same directory to the driver and to every worker.
     config.input, config.output = absolute(config.input), absolute(config.output)

@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from pipeline.core.config import _build, _set_path, absolute
+from pipeline.core.config import build_config
 from pipeline.models.tuner import TunerArch
 
 
@@ -125,19 +123,4 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> TrainConfig:
     """Build a ``TrainConfig`` from a YAML file, keyword values, then ``key.sub=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping at the top level")
-        data = loaded
-    data.update({key: value for key, value in values.items() if value is not None})
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        _set_path(data, key.split("."), yaml.safe_load(raw))
-    config = _build(TrainConfig, data, "")
-    config.validate()
-    config.input, config.output = absolute(config.input), absolute(config.output)
-    return config
+    return build_config(TrainConfig, path, overrides, values)
