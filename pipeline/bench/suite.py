@@ -34,7 +34,7 @@ from pipeline.bench.standalone import (
 )
 from pipeline.core.config import RANDOM, JobConfig, load_config
 from pipeline.models.openclip import pretrained_unavailable
-from pipeline.models.tuner import DEFAULT_DIR, RestorationNet, TunerArch, save_tuner
+from pipeline.models.tuner import RestorationNet, TunerArch, save_tuner
 from pipeline.stages.decode import decode_image
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,8 @@ def bench_config(options: BenchOptions, input_dir: Path, output_dir: Path) -> Jo
         for section, name in SMALL_MODELS.items():
             overrides += [f"{section}.model={models / name}", f"{section}.pretrained={RANDOM}"]
     else:
-        # The checkpoint the package ships when there is one, else the default architecture untrained.
-        shipped = DEFAULT_DIR / "model.safetensors"
-        overrides.append(f"tune.model={DEFAULT_DIR if shipped.exists() else RANDOM}")
+        # The tuner is the pipeline's default (the checkpoint the package ships); CLIP and CoCa take
+        # their pretrained weights where cached, else random ones of the same architecture.
         for section, (name, tag) in DEFAULT_MODELS.items():
             reason = pretrained_unavailable(name, tag)
             if reason:
