@@ -57,7 +57,11 @@ def test_bench_writes_a_table_of_stages_pipeline_and_listing_with_ratios(tmp_pat
     overhead = checks["pipeline overhead, 6 images: end-to-end / (1 / Σ standalone s/image)"]
     pipeline_rate = timings["pipeline: run_batch_job"]["images_per_second"]
     assert math.isclose(overhead["ratio"], pipeline_rate * serial["seconds_per_image"])
-    assert {"decode: draft / full decode + resize (images/s)", "decode: |ΔPSNR| draft vs full"} <= checks.keys()
+    decode_checks = {
+        "decode: pipeline / Pillow full decode + Lanczos (images/s)",
+        "decode: |ΔPSNR| pipeline vs Pillow full decode",
+    }
+    assert decode_checks <= checks.keys()
     table = (tmp_path / "bench.md").read_text()
     assert table.count("\n| ") == len(report["timings"]) + len(report["checks"]) + 2  # + header and separator
 

@@ -5,11 +5,11 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.core.batch import object_column
-from pipeline.stages.decode import DecodeError, DecodeStage, decode_image
-from tests.hostile import encode, gradient, marker_top_left, oriented_image
+from pipeline.stages.decode import DRAFT_GAP, DecodeError, DecodeStage, decode_image, downscale
+from tests.hostile import encode, gradient, marker_top_left, oriented_image, swapped_primaries_profile
 
 LIMIT = 10**8
 
@@ -121,3 +121,45 @@ def test_jpeg_draft_decodes_large_photos_scaled_close_to_the_full_decode(photos,
     assert (draft.width, draft.height) == (full.width, full.height) == upright
     assert draft.pixels.shape == full.pixels.shape == (upright[1] * 256 // 1600, upright[0] * 256 // 1600, 3)
     assert _psnr(draft.pixels, full.pixels) > 30
+
+
+def _photo(photos, size: tuple[int, int]) -> Image.Image:
+    return Image.open(io.BytesIO(photos[0].data)).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_jpeg_decodes_to_the_pixels_pillow_decodes(photos, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(_photo(photos, (300, 200)), "JPEG", quality=90, exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")).astype(int)
+    decoded = decode_image(data, 1000, LIMIT)
+    assert (decoded.width, decoded.height) == expected.shape[1::-1]
+    assert np.abs(decoded.pixels.astype(int) - expected).max() <= 1
+
+
+def test_downscale_is_pillows_antialiased_bicubic(photos):
+    photo = _photo(photos, (500, 400))
+    expected = np.asarray(photo.resize((123, 98), Image.Resampling.BICUBIC)).astype(int)
+    resized = downscale(np.array(photo), (123, 98))
+    assert resized.shape == (98, 123, 3) and resized.flags.c_contiguous
+    assert np.abs(resized.astype(int) - expected).max() <= 1
+
+
+def test_dct_scaling_starts_at_twice_the_draft_gap(photos):
+    side = 128
+    smaller = encode(_photo(photos, (int(2 * DRAFT_GAP * side) - 1, 300)), "JPEG", quality=90)
+    same = [decode_image(smaller, side, LIMIT, jpeg_draft=draft).pixels for draft in (True, False)]
+    assert np.array_equal(*same)
+    larger = encode(_photo(photos, (int(2 * DRAFT_GAP * side), 300)), "JPEG", quality=90)
+    scaled, full = (decode_image(larger, side, LIMIT, jpeg_draft=draft).pixels for draft in (True, False))
+    assert scaled.shape == full.shape and not np.array_equal(scaled, full)
+    assert _psnr(scaled, full) > 35
+
+
+@pytest.mark.parametrize("size", [(16, 16), (600, 400)])
+def test_jpeg_icc_profile_is_applied_also_when_downscaled(size):
+    data = encode(Image.new("RGB", size, (255, 0, 0)), "JPEG", quality=95, icc_profile=swapped_primaries_profile())
+    pixels = decode_image(data, 64, LIMIT).pixels
+    assert pixels.shape[1] == min(64, size[0])
+    assert np.abs(pixels[pixels.shape[0] // 2, pixels.shape[1] // 2].astype(int) - (0, 0, 255)).max() < 40
