@@ -22,7 +22,7 @@ from pipeline.core import storage
 from pipeline.core.config import JobConfig
 from pipeline.core.stats import RunStats
 from pipeline.readers.plan import Shard
-from pipeline.runner.pools import ActorStage, Pool, ReadShards, TaskStage, plan_pools
+from pipeline.runner.pools import ActorStage, Pool, ReadShards, TaskStage, cpu_threads, plan_pools
 from pipeline.stages.base import Stage
 from pipeline.writers.manifest import commit_shard
 from pipeline.writers.parquet import StagedPartWriter, finalize_shard
@@ -215,7 +215,7 @@ def _build_dataset(config, shards, stages, pools: list[Pool], staging, run_id, p
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     dataset = dataset.map_batches(ReadShards(config.read), batch_size=1, num_cpus=1)
     dataset = dataset.map_batches(
-        TaskStage(stages.decode),
+        TaskStage(stages.decode, cpu_threads(config.decode.num_cpus)),
         batch_size=config.read.batch_rows,
         num_cpus=config.decode.num_cpus,
         udf_modifying_row_count=False,

@@ -35,8 +35,16 @@ class Pool:
 
     @property
     def threads(self) -> int:
-        """torch intra-op threads: the actor's CPU share, so actors do not oversubscribe cores."""
-        return max(1, math.floor(self.num_cpus))
+        return cpu_threads(self.num_cpus)
+
+
+def cpu_threads(num_cpus: float) -> int:
+    """torch intra-op threads for a worker that reserves ``num_cpus``: its CPU share, at least one.
+
+    Set explicitly rather than left to Ray's ``OMP_NUM_THREADS``, which Ray sets only where the
+    environment has not (container images often do), so workers never oversubscribe their cores.
+    """
+    return max(1, math.floor(num_cpus))
 
 
 def plan_pools(stages: list[Stage], config: RunnerConfig, cluster: dict[str, float]) -> list[Pool]:
@@ -80,14 +88,18 @@ def plan_pools(stages: list[Stage], config: RunnerConfig, cluster: dict[str, flo
 
 
 class TaskStage:
-    """A stateless stage as a Ray Data task function."""
+    """A stateless stage as a Ray Data task function, with ``threads`` torch threads."""
 
-    def __init__(self, stage: Stage) -> None:
+    def __init__(self, stage: Stage, threads: int = 1) -> None:
         self.stage = stage
+        self.threads = threads
         self._ready = False
 
     def __call__(self, batch: Batch) -> Batch:
         if not self._ready:
+            import torch
+
+            torch.set_num_threads(self.threads)
             self.stage.setup()
             self._ready = True
         return isolate_failures(self.stage, batch)
