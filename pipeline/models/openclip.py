@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import open_clip
@@ -22,6 +22,7 @@ from torchvision import transforms
 from pipeline.core import storage
 from pipeline.core.config import RANDOM
 from pipeline.models.checkpoints import PICKLE_SUFFIXES, fetch_checkpoint, file_digest
+from pipeline.models.staging import HostStaging
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +38,15 @@ class OpenClipModel:
     mean: torch.Tensor
     std: torch.Tensor
     device: torch.device
+    staging: HostStaging = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.staging = HostStaging(self.device)
 
     def pixels(self, images: list[np.ndarray]) -> torch.Tensor:
         """uint8 HxWx3 images → normalised N×3×S×S float tensor on the model's device."""
         crops = [np.asarray(self.geometry(Image.fromarray(image)), dtype=np.uint8) for image in images]
-        batch = torch.from_numpy(np.stack(crops)).to(self.device, non_blocking=True)
-        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        batch = self.staging.to_device(crops).permute(0, 3, 1, 2).float().div_(255.0)
         return batch.sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
 
     def autocast(self) -> torch.autocast:

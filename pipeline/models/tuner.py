@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.models.checkpoints import CheckpointError, file_digest, load_state_dict
+from pipeline.models.staging import HostStaging
 
 FORMAT = "imagetune-tuner-v1"
 DEFAULT = "default"
@@ -261,10 +262,12 @@ def restore_images(
     overlap: int,
     batch_size: int,
     device: torch.device,
+    staging: HostStaging | None = None,
 ) -> list[np.ndarray]:
     """Apply ``model`` to uint8 HxWx3 images of any sizes; returns uint8 images of the same sizes.
 
-    Tiles of equal shape, from any image of the batch, run together in batches of ``batch_size``.
+    Tiles of equal shape, from any image of the batch, run together in batches of ``batch_size``;
+    they reach the device through ``staging`` (an actor keeps one; by default a new one).
     Tile size and overlap are rounded (down and up) to multiples of ``arch.multiple``, so every tile
     sits on the network's downsampling grid and tiled output equals untiled output.
     """
@@ -282,11 +285,12 @@ def restore_images(
                 shape = (min(tile_size, height), min(tile_size, width))
                 groups[shape].append(_Tile(index, y, x, (y0, y1, x0, x1)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    staging = staging or HostStaging(device)
     for (tile_h, tile_w), tiles in groups.items():
         for start in range(0, len(tiles), batch_size):
             chunk = tiles[start : start + batch_size]
-            stack = np.stack([padded[t.image][t.y : t.y + tile_h, t.x : t.x + tile_w] for t in chunk])
-            inputs = torch.from_numpy(stack).to(device, non_blocking=True).permute(0, 3, 1, 2)
+            inputs = staging.to_device([padded[t.image][t.y : t.y + tile_h, t.x : t.x + tile_w] for t in chunk])
+            inputs = inputs.permute(0, 3, 1, 2)
             inputs = inputs.float().div_(255.0).contiguous(memory_format=torch.channels_last)
             with autocast:
                 result = model(inputs)

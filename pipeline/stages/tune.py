@@ -11,6 +11,7 @@ from pipeline.core.batch import Batch, fill, object_column, ok_mask, writable
 from pipeline.core.config import RANDOM, TuneConfig
 from pipeline.models.checkpoints import fetch_checkpoint
 from pipeline.models.openclip import select_device
+from pipeline.models.staging import HostStaging
 from pipeline.models.tuner import DEFAULT, default_tuner, load_tuner, random_tuner, restore_images
 from pipeline.stages.base import Stage
 
@@ -46,6 +47,7 @@ class TuneStage(Stage):
                 "tiles would show seams; raise tune.tile_overlap"
             )
         self._network = network.to(self._device)
+        self._staging = HostStaging(self._device)
 
     def process(self, batch: Batch) -> Batch:
         batch = writable(batch)
@@ -58,6 +60,7 @@ class TuneStage(Stage):
             self.config.tile_overlap,
             self.config.batch_size,
             self._device,
+            self._staging,
         )
         for i, pixels in zip(np.flatnonzero(ok), restored, strict=True):
             images[i] = pixels
