@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.core.batch import Batch, mark_error, num_rows, object_column, ok_mask, writable
@@ -28,9 +29,6 @@ DRAFT_GAP = 2.0
 Image.MAX_IMAGE_PIXELS = None
 
 
-Decoded = tuple[np.ndarray, bool]  # upright RGB uint8 pixels, and whether EXIF orientation turned them
-
-
 class DecodeError(ValueError):
     """The bytes are not an image this pipeline can use; the message says why."""
 
@@ -46,19 +44,21 @@ class DecodedImage:
 
 
 def decode_image(data: bytes, max_side: int, max_pixels: int, jpeg_draft: bool = True) -> DecodedImage:
-    """Decode ``data`` to RGB uint8 with its longer side at most ``max_side``.
+    """Decode ``data`` to upright RGB uint8 with its longer side at most ``max_side``.
 
-    A JPEG is decoded by libjpeg-turbo straight into a tensor (torchvision), with EXIF orientation.
-    With ``jpeg_draft``, one at least ``2 * DRAFT_GAP`` times larger than needed is instead decoded
-    already scaled down by 1/2, 1/4 or 1/8 in the DCT domain (Pillow's draft), never below
-    ``DRAFT_GAP`` times the working size. Every downscale is then an antialiased bicubic on uint8
-    (:func:`downscale`). A JPEG's ICC profile is applied at the working size, as thumbnailers do.
+    A YCbCr or grayscale JPEG is decoded by libjpeg-turbo straight into a tensor (torchvision), then
+    downscaled with an antialiased bicubic on uint8 (:func:`downscale`); its ICC profile is applied
+    at the working size, as thumbnailers do. With ``jpeg_draft``, any JPEG at least
+    ``2 * DRAFT_GAP`` times larger than needed is instead decoded already scaled by 1/2, 1/4 or 1/8
+    in the DCT domain (Pillow's draft), never below ``DRAFT_GAP`` times the working size.
 
-    Other formats go through Pillow: EXIF orientation, ICC profiles converted to sRGB, palette and
-    alpha flattened onto white, CMYK/YCCK, grayscale and 16-bit converted to 8-bit RGB, the first
-    frame of animations and multi-page files. The declared size is checked against ``max_pixels``
-    before any pixel is allocated, so decompression bombs cost nothing. Any failure of the decoder on
-    hostile bytes is a ``DecodeError``, never another exception.
+    Everything else goes through Pillow, which also downscales it (the same bicubic filter), so no
+    full-size copy is made: ICC profiles converted to sRGB, palette and alpha flattened onto white,
+    CMYK/YCCK, grayscale and 16-bit converted to 8-bit RGB, the first frame of animations and
+    multi-page files. EXIF orientation (Pillow's reading of it, XMP included) is applied last, on
+    the small image, on every path. The declared size is checked against ``max_pixels`` before any
+    pixel is allocated, so decompression bombs cost nothing. Any failure of the decoder on hostile
+    bytes is a ``DecodeError``; running out of memory is a ``MemoryError``, never the image's fault.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
@@ -74,26 +74,36 @@ def decode_image(data: bytes, max_side: int, max_pixels: int, jpeg_draft: bool =
             raise DecodeError(f"image declares an empty size {image.width}x{image.height}")
         image_format = (image.format or "unknown").lower()
         stored = image.size
+        orientation = _orientation(image)
+        size = working_size(stored, max_side)
         profile = image.info.get("icc_profile")
-        decoded = None
-        if image_format in ("jpeg", "mpo") and (image.mode == "RGB" or (image.mode == "L" and not profile)):
-            decoded = _decode_jpeg(data, image, max_side, jpeg_draft)
-        if decoded is None:
-            profile = None  # Pillow applies it on the way
-            decoded = _decode_pillow(image)
-        pixels, rotated = decoded
-        original = stored[::-1] if rotated else stored  # upright
-        pixels = downscale(pixels, working_size(original, max_side))
-        if profile:
-            pixels = np.asarray(_to_srgb(Image.fromarray(pixels), profile))
+        pixels = None
+        if image_format in ("jpeg", "mpo"):
+            if jpeg_draft and max(stored) >= 2 * DRAFT_GAP * max_side:
+                scale = DRAFT_GAP * max_side / max(stored)
+                image.draft(image.mode, (math.ceil(stored[0] * scale), math.ceil(stored[1] * scale)))
+            if image.mode == "RGB" or (image.mode == "L" and not profile):
+                pixels = _decode_jpeg(data, image, drafted=image.size != stored)
+        if pixels is None:
+            pixels = _decode_pillow(image, size)
+        else:
+            pixels = downscale(pixels, size)
+            if profile:
+                pixels = np.asarray(_to_srgb(Image.fromarray(pixels), profile))
+        pixels = np.ascontiguousarray(ORIENT[orientation](pixels))
     except DecodeError:
         raise
     except UnidentifiedImageError as error:
         raise DecodeError(f"cannot decode image: not a supported image format (starts with {data[:8]!r})") from error
     except MemoryError:
         raise  # not this image's fault: the stage's batch splitting deals with it
+    except RuntimeError as error:
+        if _out_of_memory(error):
+            raise MemoryError(str(error)) from error
+        raise DecodeError(f"cannot decode image: {type(error).__name__}: {error}") from error
     except Exception as error:  # Pillow's plugins raise many types on malformed data
         raise DecodeError(f"cannot decode image: {type(error).__name__}: {error}") from error
+    original = stored[::-1] if orientation >= 5 else stored  # upright
     return DecodedImage(pixels, original[0], original[1], image_format)
 
 
@@ -107,45 +117,61 @@ def working_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 
 def downscale(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``pixels`` (uint8 HxWx3) resized to ``size`` (width, height): antialiased bicubic, on uint8.
+    """``pixels`` (uint8 HxWx3, writable) resized to ``size`` (width, height): antialiased bicubic on uint8.
 
     torch's uint8 kernel is Pillow's bicubic filter vectorised (the same pixels within one level),
     several times faster than Pillow's Lanczos and as close to it in PSNR (``imagetune bench``).
     """
     if pixels.shape[1::-1] == size:
-        return np.ascontiguousarray(pixels)
+        return pixels
     batch = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
     resized = torch.nn.functional.interpolate(batch, size=size[::-1], mode="bicubic", antialias=True)
     return resized[0].permute(1, 2, 0).contiguous().numpy()
 
 
-def _decode_jpeg(data: bytes, image: Image.Image, max_side: int, jpeg_draft: bool) -> Decoded | None:
-    """A YCbCr or grayscale JPEG, or None where only Pillow can decode it."""
-    stored = image.size
-    if jpeg_draft and max(stored) >= 2 * DRAFT_GAP * max_side:
-        scale = DRAFT_GAP * max_side / max(stored)
-        image.draft(image.mode, (math.ceil(stored[0] * scale), math.ceil(stored[1] * scale)))
+# EXIF orientation → the array view that makes it upright (Pillow's ImageOps.exif_transpose, on HxWxC).
+ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _orientation(image: Image.Image) -> int:
+    value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if value in ORIENT else 1
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    return "can't allocate memory" in str(error)  # torch's CPU allocator
+
+
+def _decode_jpeg(data: bytes, image: Image.Image, drafted: bool) -> np.ndarray | None:
+    """A YCbCr or grayscale JPEG as stored (RGB), or None where only Pillow can decode it."""
+    if drafted:  # Pillow's libjpeg-turbo scales in the DCT domain; torchvision cannot
         image.load()
-        drafted = image.size
-        upright = ImageOps.exif_transpose(image)
-        return np.array(_to_rgb(upright)), upright.size != drafted
+        return np.array(_to_rgb(image))
     try:
-        decoded = decode_jpeg(
-            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True
-        )
-    except RuntimeError:
+        decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        if _out_of_memory(error):
+            raise
         return None  # libjpeg-turbo refused it: Pillow decides, with its own error message
-    pixels = decoded.permute(1, 2, 0).numpy()
-    return pixels, pixels.shape[1] != stored[0]
+    return decoded.permute(1, 2, 0).numpy()
 
 
-def _decode_pillow(image: Image.Image) -> Decoded:
+def _decode_pillow(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     image.seek(0)
     image.load()
-    loaded = image.size
-    upright = ImageOps.exif_transpose(image)
-    rgb = _to_rgb(_to_srgb(upright, upright.info.get("icc_profile")))
-    return np.array(rgb, dtype=np.uint8), upright.size != loaded
+    rgb = _to_rgb(_to_srgb(image, image.info.get("icc_profile")))
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(rgb)
 
 
 def _to_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:

@@ -5,9 +5,11 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from pipeline.core.batch import object_column
+from pipeline.stages import decode
 from pipeline.stages.decode import DRAFT_GAP, DecodeError, DecodeStage, decode_image, downscale
 from tests.hostile import encode, gradient, marker_top_left, oriented_image, swapped_primaries_profile
 
@@ -127,7 +129,7 @@ def _photo(photos, size: tuple[int, int]) -> Image.Image:
     return Image.open(io.BytesIO(photos[0].data)).convert("RGB").resize(size, Image.Resampling.BICUBIC)
 
 
-@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("orientation", range(1, 9))
 def test_jpeg_decodes_to_the_pixels_pillow_decodes(photos, orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -163,3 +165,21 @@ def test_jpeg_icc_profile_is_applied_also_when_downscaled(size):
     pixels = decode_image(data, 64, LIMIT).pixels
     assert pixels.shape[1] == min(64, size[0])
     assert np.abs(pixels[pixels.shape[0] // 2, pixels.shape[1] // 2].astype(int) - (0, 0, 255)).max() < 40
+
+
+def test_rotated_near_square_jpeg_reports_its_upright_size_when_drafted(photos):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 1024x1021, drafted to a square 256x256, upright 1021x1024
+    data = encode(_photo(photos, (1024, 1021)), "JPEG", quality=90, exif=exif)
+    decoded = decode_image(data, 64, LIMIT)
+    assert (decoded.width, decoded.height) == (1021, 1024)
+    assert decoded.pixels.shape == (64, 64, 3)
+
+
+def test_running_out_of_memory_is_a_memory_error_not_a_bad_image(monkeypatch, photos):
+    def exhausted(pixels, size):
+        return torch.empty(2**60, dtype=torch.uint8)  # torch's CPU allocator refuses: a RuntimeError
+
+    monkeypatch.setattr(decode, "downscale", exhausted)
+    with pytest.raises(MemoryError, match="can't allocate memory"):
+        decode_image(encode(_photo(photos, (300, 200)), "JPEG"), 64, LIMIT)
