@@ -39,7 +39,8 @@ def run_pipeline(config: JobConfig, name: str, ray_cpus: int | None = None) -> P
     shutil.rmtree(config.output, ignore_errors=True)
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        cpus = int(ray.cluster_resources().get("CPU", 0))
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0.0)
         with ProcessTreeMemory() as memory:
             start = time.perf_counter()
             report = run_batch_job(config)
@@ -49,8 +50,8 @@ def run_pipeline(config: JobConfig, name: str, ray_cpus: int | None = None) -> P
     summary = report.summary
     if not report.succeeded or summary["rows_ok"] != summary["rows"]:
         raise RuntimeError(f"benchmark run {summary['run_id']} did not process every image: {summary['accounting']}")
-    note = f"Ray, {cpus} CPUs, {memory.peak_processes} processes at peak"
-    timing = Timing(name, summary["rows"], seconds, memory.peak_bytes, note)
+    note = f"Ray, {cpus} CPUs, {gpus:g} GPUs, {memory.peak_processes} processes at peak"
+    timing = Timing(name, summary["rows"], seconds, memory.peak_bytes, note, gpus=gpus)
     logger.info("%s: %d images in %.1fs, peak RSS %.2f GiB", name, timing.images, seconds, memory.peak_bytes / 2**30)
     return PipelineRun(timing, read_captions(config.output), summary)
 

@@ -21,10 +21,26 @@ class Timing:
     seconds: float
     peak_rss_bytes: int | None = None
     note: str = ""
+    gpu_busy: float | None = None  # fraction of the wall time the GPU was running work, where measured
+    gpus: float = 0.0  # GPUs the work had
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def images_per_second_per_gpu(self) -> float | None:
+        return self.images_per_second / self.gpus if self.gpus else None
+
+    @property
+    def label(self) -> str:
+        """The name with the note and the GPU figures, as the Markdown table shows it."""
+        notes = [self.note] if self.note else []
+        if self.gpu_busy is not None:
+            notes.append(f"GPU busy {self.gpu_busy:.0%}")
+        if self.gpus:
+            notes.append(f"{self.images_per_second_per_gpu:.3g} images/s per GPU")
+        return f"{self.name} ({', '.join(notes)})" if notes else self.name
 
     @property
     def seconds_per_image(self) -> float:
@@ -71,6 +87,7 @@ class BenchReport:
                 **asdict(t),
                 "images_per_second": _finite(t.images_per_second),
                 "seconds_per_image": _finite(t.seconds_per_image),
+                "images_per_second_per_gpu": t.images_per_second_per_gpu,
             }
             for t in self.timings
         ]
@@ -92,8 +109,7 @@ class BenchReport:
         lines = [header, "|" + " --- |" * 9]
         for t in self.timings:
             memory = f"{t.peak_rss_bytes / 2**30:.2f} GiB" if t.peak_rss_bytes else ""
-            name = f"{t.name} ({t.note})" if t.note else t.name
-            cells = [name, str(t.images), f"{t.seconds:.2f}", _number(t.images_per_second)]
+            cells = [t.label, str(t.images), f"{t.seconds:.2f}", _number(t.images_per_second)]
             lines.append("| " + " | ".join([*cells, _number(t.seconds_per_image), memory, "", "", ""]) + " |")
         for c in self.checks:
             name = f"{c.name} ({c.note})" if c.note else c.name

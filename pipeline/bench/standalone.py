@@ -74,10 +74,23 @@ def rebatch(batches: list[Batch], rows: int) -> list[Batch]:
 
 
 def time_batches(name: str, process: Callable[[Batch], Batch], batches: list[Batch]) -> tuple[Timing, list[Batch]]:
-    """Wall time of ``process`` over every batch, and its outputs."""
-    start = time.perf_counter()
-    out = [process(batch) for batch in batches]
-    return Timing(name, sum(num_rows(batch) for batch in batches), time.perf_counter() - start), out
+    """Wall time of ``process`` over every batch, and its outputs.
+
+    On a CUDA machine the GPU's busy fraction is measured too: the device time of everything it ran
+    (kernels and copies, from torch's profiler) over the wall time.
+    """
+    images = sum(num_rows(batch) for batch in batches)
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        out = [process(batch) for batch in batches]
+        return Timing(name, images, time.perf_counter() - start), out
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        start = time.perf_counter()
+        out = [process(batch) for batch in batches]
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    device_seconds = sum(event.self_device_time_total for event in profile.key_averages()) / 1e6
+    return Timing(name, images, seconds, gpu_busy=min(1.0, device_seconds / seconds)), out
 
 
 def read_batches(config: JobConfig) -> tuple[Timing, list[Batch]]:
