@@ -174,11 +174,21 @@ class JobConfig:
             )
 
     def redacted(self) -> dict[str, Any]:
-        """The configuration as plain data, with credentials in URIs removed, for logs and summaries."""
-        data = dataclasses.asdict(self)
-        data["input"] = redact_uri(self.input)
-        data["output"] = redact_uri(self.output)
-        return data
+        """The configuration as plain data, credentials removed from every URI in it, for logs and summaries.
+
+        Any value may be a URI with user-info: the input and output, checkpoint URIs, the Ray address.
+        """
+        return _redacted(dataclasses.asdict(self))
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_uri(value)
+    if isinstance(value, dict):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(item) for item in value]
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> JobConfig:

@@ -37,9 +37,15 @@ def test_the_tuner_defaults_to_the_packaged_checkpoint():
     assert load_config(None, [], input="a", output="b").tune.model == "default"
 
 
-def test_redacted_config_hides_credentials_in_uris():
-    config = load_config(None, ["tune.model=random"], input="https://user:s3cret@host/in", output="b")
-    assert "s3cret" not in str(config.redacted())
+def test_redacted_config_hides_credentials_in_every_uri():
+    secret = ["tune.model=s3://key:s3cret@bucket/tuner/", "runner.address=ray://admin:s3cret@head:10001"]
+    config = load_config(None, secret, input="https://user:s3cret@host/in", output="b")
+    redacted = config.redacted()
+    assert "s3cret" not in str(redacted)
+    assert (
+        redacted["tune"]["model"] == "s3://***@bucket/tuner/"
+        and redacted["runner"]["address"] == "ray://***@head:10001"
+    )
 
 
 def test_the_shipped_example_config_loads_with_the_documented_defaults():
