@@ -75,7 +75,7 @@ class BaselineModels:
     @classmethod
     def load(cls, config: JobConfig) -> BaselineModels:
         device, cache = select_device(), config.runner.checkpoint_cache
-        tuner, _ = load_tuner_model(config.tune.model or "", cache, config.tune.allow_pickle)
+        tuner, _ = load_tuner_model(config.tune.model or "", cache)
         caption, clip = config.caption, config.clip
         return cls(
             tuner=tuner.to(device),

@@ -47,7 +47,8 @@ class DecodeConfig:
 class TuneConfig:
     """The restoration CNN. ``model`` is a checkpoint path/URI, ``default`` or ``random``.
 
-    A checkpoint is a ``.safetensors`` file or a directory holding ``model.safetensors``. ``default``
+    A checkpoint is a ``.safetensors`` file or a directory holding ``model.safetensors`` (never a
+    pickle: the architecture is in the file's metadata). ``default``
     is the checkpoint shipped in the package (see its model card); ``random`` an untrained network,
     explicit and labelled.
     """
@@ -56,7 +57,6 @@ class TuneConfig:
     tile_size: int = 512
     tile_overlap: int = 32
     batch_size: int = 8
-    allow_pickle: bool = False
 
 
 @dataclass

@@ -67,7 +67,7 @@ def build_stages(config: JobConfig) -> PipelineStages:
 def preflight(config: JobConfig) -> None:
     """Fail before reading any data when a model cannot be found or would load unsafely."""
     if config.tune.model not in (RANDOM, DEFAULT):
-        locate_checkpoint(config.tune.model or "", config.tune.allow_pickle)
+        locate_checkpoint(config.tune.model or "")  # safetensors only: never a pickle
     checks = [(config.clip.model, config.clip.pretrained, config.clip.allow_pickle)]
     if config.caption.enabled:
         checks.append((config.caption.model, config.caption.pretrained, config.caption.allow_pickle))

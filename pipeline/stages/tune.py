@@ -16,7 +16,7 @@ from pipeline.models.tuner import DEFAULT, default_tuner, load_tuner, random_tun
 from pipeline.stages.base import Stage
 
 
-def load_tuner_model(model: str, cache_dir: str, allow_pickle: bool = False):
+def load_tuner_model(model: str, cache_dir: str):
     """The tuner for ``model``: a checkpoint path/URI, ``default`` or ``random``. Returns (network, model id).
 
     ``default`` is resolved here, on the worker, to the checkpoint packaged with the installed code.
@@ -25,7 +25,7 @@ def load_tuner_model(model: str, cache_dir: str, allow_pickle: bool = False):
         return random_tuner()
     if model == DEFAULT:
         return default_tuner()
-    return load_tuner(str(fetch_checkpoint(model, cache_dir, allow_pickle)))
+    return load_tuner(str(fetch_checkpoint(model, cache_dir)))
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TuneStage(Stage):
     def setup(self) -> None:
         config = self.config
         self._device = select_device()
-        network, self._model_id = load_tuner_model(config.model or "", self.cache_dir, config.allow_pickle)
+        network, self._model_id = load_tuner_model(config.model or "", self.cache_dir)
         radius = network.arch.receptive_radius
         if config.tile_overlap < radius:
             raise ValueError(

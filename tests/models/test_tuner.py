@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core.config import TuneConfig
+from pipeline.core.config import TuneConfig, load_config
 from pipeline.models.checkpoints import CheckpointError, fetch_checkpoint
 from pipeline.models.tuner import RestorationNet, TunerArch, load_tuner, random_tuner, restore_images, save_tuner
+from pipeline.runner.job import preflight
 from pipeline.stages.tune import TuneStage
 from tests.conftest import BUCKET
 
@@ -108,6 +109,10 @@ def test_pickle_and_corrupt_checkpoints_are_refused(tmp_path):
         load_tuner(str(corrupt))
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         fetch_checkpoint(str(tmp_path / "missing.safetensors"), str(tmp_path))
+    with pytest.raises(CheckpointError, match="refusing pickle checkpoint"):  # no setting lets a pickled tuner in
+        preflight(load_config(None, [f"tune.model={pickle_path}", "caption.enabled=false"], input="a", output="b"))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_config(None, ["tune.allow_pickle=true"], input="a", output="b")
 
 
 def test_stage_refuses_an_overlap_below_the_receptive_field(tmp_path):
