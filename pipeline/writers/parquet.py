@@ -3,8 +3,9 @@
 Ray Data re-chunks rows between stages, so by write time a block holds rows of several shards and a
 shard's rows are spread over several blocks. Each block's rows are written as staged parts under
 ``_staging/<run_id>/``; once every row of a shard is staged, ``finalize_shard`` streams its parts into
-``dt=<date>/<shard name>.parquet`` in one PUT. Glob readers (DuckDB, Spark) therefore never see part
-of a shard, and a re-run of the shard writes the same name again instead of adding a second copy.
+``dt=<date>/<shard name>-<hash>-<run id>.parquet`` in one PUT. Glob readers (DuckDB, Spark)
+therefore never see part of a shard. A re-run's file has a new name; the shard's manifest entry
+names the one that counts, and the files of the previous commit are deleted after it is replaced.
 """
 
 from __future__ import annotations
