@@ -132,6 +132,7 @@ class _ShardCommitter:
         target = storage.join(self.config.output, self._file(shard_id))
         write = self.config.write
         self.pending[self._finalize.remote(state.parts, target, write.compression, write.row_group_rows)] = shard_id
+        state.ordinals.clear()  # all seen (``total`` says how many): the driver holds ordinals of open shards only
 
     def collect(self, block: bool) -> None:
         """Commit the shards whose finalize finished (all of them when ``block``)."""
