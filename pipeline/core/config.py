@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pipeline.core.storage import redact_uri
 ConfigT = TypeVar("ConfigT")
 
 RANDOM = "random"
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -281,6 +283,9 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise ValueError(f"{name}={value!r} must be an integer")
         return value
     if hint is float:
+        # YAML 1.1 (PyYAML) reads exponent notation without a dot, such as 1e-4, as a string.
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{name}={value!r} must be a number")
         return float(value)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.config import load_config
+from pipeline.training.config import load_train_config
 
 
 def test_yaml_then_keyword_values_then_set_overrides(tmp_path):
@@ -26,6 +27,13 @@ def test_unknown_keys_and_bad_types_name_the_key():
         load_config(None, ["clip.batch_size=many", "tune.model=random"], input="a", output="b")
     with pytest.raises(ValueError, match="encode.format='gif' must be one of"):
         load_config(None, ["encode.format=gif", "tune.model=random"], input="a", output="b")
+
+
+def test_exponent_notation_sets_a_float_although_yaml_reads_it_as_text():
+    config = load_train_config(None, ["optim.lr=3e-4", "optim.min_lr_ratio=1E-2"], input="a", output="b")
+    assert (config.optim.lr, config.optim.min_lr_ratio) == (3e-4, 1e-2)
+    with pytest.raises(ValueError, match="optim.lr='3e' must be a number"):
+        load_train_config(None, ["optim.lr=3e"], input="a", output="b")
 
 
 def test_an_empty_tuner_model_explains_the_fix():
