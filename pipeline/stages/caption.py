@@ -10,6 +10,7 @@ import torch
 
 from pipeline.core.batch import Batch, fill, ok_mask, writable
 from pipeline.core.config import CaptionConfig
+from pipeline.models.checkpoints import CACHE_DIR
 from pipeline.models.coca_decoder import CocaCaptionDecoder
 from pipeline.models.openclip import OpenClipModel, load_open_clip, select_device
 from pipeline.stages.base import Stage
@@ -33,7 +34,7 @@ class CaptionStage(Stage):
     """
 
     config: CaptionConfig
-    cache_dir: str = "~/.cache/imagetune/checkpoints"
+    cache_dir: str = CACHE_DIR
     name: ClassVar[str] = "caption"
 
     def setup(self) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.core.batch import Batch, fill, ok_mask, writable
 from pipeline.core.config import ClipConfig
+from pipeline.models.checkpoints import CACHE_DIR
 from pipeline.models.openclip import OpenClipModel, load_open_clip, select_device
 from pipeline.stages.base import Stage
 
@@ -22,7 +23,7 @@ class ClipScoreStage(Stage):
     """
 
     config: ClipConfig
-    cache_dir: str = "~/.cache/imagetune/checkpoints"
+    cache_dir: str = CACHE_DIR
     name: ClassVar[str] = "score"
 
     def setup(self) -> None:

@@ -52,7 +52,10 @@ class OptimConfig:
     """Patches, batch, optimiser and learning-rate schedule.
 
     ``max_minutes`` bounds the wall time: the schedule then follows whichever of steps and time is
-    further along, so a time-boxed run still anneals to the end.
+    further along, so a time-boxed run still anneals to the end. ``loss="psnr"`` (NAFNet's choice)
+    averages each patch's PSNR instead of pooling squared errors: under L2 a heavily degraded patch, whose error
+    stays large, outweighs a clean one tens of times over, so the model learns to smooth
+    everything; per-patch dB weighs every level, "do no harm" included, as the evaluation does.
     """
 
     steps: int = 200_000
@@ -64,7 +67,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     schedule: Literal["cosine", "onecycle"] = "cosine"
     warmup_steps: int = 500
-    loss: Literal["l1", "l2", "charbonnier"] = "l2"
+    loss: Literal["l1", "l2", "charbonnier", "psnr"] = "psnr"
     grad_clip: float = 1.0
     loader_workers: int = 0
 
@@ -81,11 +84,16 @@ class ScalingConfig:
 @dataclass
 class TrainConfig:
     """Everything one training run needs. ``output`` receives model.safetensors, model_card.json and
-    ``_train/`` (Ray Train's checkpoints: running again with the same output resumes from the last)."""
+    ``_train/`` (Ray Train's checkpoints: running again with the same output resumes from the last).
+
+    ``init`` fine-tunes: training starts from that tuner's weights (``default``, a path or any fsspec
+    URI) and takes its architecture; an ``arch`` set explicitly must then match it.
+    """
 
     input: str
     output: str
     name: str | None = None
+    init: str | None = None
     arch: TunerArch = field(default_factory=TunerArch)
     data: DataConfig = field(default_factory=DataConfig)
     degrade: DegradeConfig = field(default_factory=DegradeConfig)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,16 @@ import numpy as np
 import pyarrow.fs
 import ray
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 
 from pipeline.core import storage
-from pipeline.models.tuner import load_tuner
+from pipeline.core.config import RANDOM
+from pipeline.models.checkpoints import CACHE_DIR
+from pipeline.models.tuner import DEFAULT, DEFAULT_DIR, TunerArch, load_tuner
 from pipeline.readers.plan import Shard, plan_shards
-from pipeline.training.card import build_card, write_model
+from pipeline.stages.tune import load_tuner_model
+from pipeline.training.card import build_card, read_card, write_model
 from pipeline.training.config import DataConfig, TrainConfig
 from pipeline.training.data import ImageRecord, data_digest, read_images, validation_ids
 from pipeline.training.evaluate import evaluate
@@ -75,6 +79,7 @@ def read_sample(shards: list[Shard], config: DataConfig, seed: int, wave: int = 
 def train_tuner(config: TrainConfig) -> TrainResult:
     """Train a tuner on a sample of ``config.input`` and write it with its card to ``config.output``."""
     started = time.monotonic()
+    config, init_weights, init = _resolve_init(config)
     shards = plan_shards(config.input, config.data.files_per_shard)
     identities, refs = read_sample(shards, config.data, config.seed)
     if len(identities) <= config.data.val_images:
@@ -86,7 +91,7 @@ def train_tuner(config: TrainConfig) -> TrainResult:
     logger.info("training on %d images, validating on %d", len(identities) - len(val_ids), len(val_ids))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config, "image_refs": refs, "val_ids": val_ids},
+        train_loop_config={"config": config, "image_refs": refs, "val_ids": val_ids, "init_weights": init_weights},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
@@ -106,10 +111,42 @@ def train_tuner(config: TrainConfig) -> TrainResult:
         model,
         config.model_name,
         data=_data_section(config, identities, val_ids),
-        training=_training_section(config, state, result.metrics or {}, time.monotonic() - started),
+        training=_training_section(config, state, result.metrics or {}, time.monotonic() - started, init),
         evaluations=[{"dataset": "held-out validation images (512 px centre crops)", **table}],
     )
     return TrainResult(config.output, write_model(config.output, model, card))
+
+
+def _resolve_init(config: TrainConfig) -> tuple[TrainConfig, dict[str, torch.Tensor] | None, dict | None]:
+    """For a fine-tuning run: the config with the starting tuner's architecture, its weights, and its
+    lineage for the card (model id, and the name and training section of its card if it has one)."""
+    if config.init is None:
+        return config, None, None
+    if config.init == RANDOM:
+        raise ValueError("init=random is training from scratch: leave init unset and choose arch instead")
+    network, model_id = load_tuner_model(config.init, CACHE_DIR)
+    if config.arch not in (TunerArch(), network.arch):
+        raise ValueError(
+            f"arch {config.arch} differs from init={storage.redact_uri(config.init)}'s {network.arch}: "
+            "a fine-tuning run keeps the starting architecture, so drop the arch settings"
+        )
+    config = replace(config, arch=network.arch)
+    config.validate()
+    logger.info("fine-tuning from %s", model_id)
+    return config, network.state_dict(), {"model": model_id, **_init_card(config.init)}
+
+
+def _init_card(init: str) -> dict[str, Any]:
+    """The starting tuner's name and training section, from the model card beside it (if any)."""
+    try:
+        card = read_card(str(DEFAULT_DIR) if init == DEFAULT else init)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {
+        "name": card.get("name"),
+        "training": card.get("training"),
+        "data_digest": card.get("data", {}).get("digest"),
+    }
 
 
 def _records(refs: list[tuple[ray.ObjectRef, int]]):
@@ -146,8 +183,11 @@ def _data_section(config: TrainConfig, identities: list[tuple[str, str]], val_id
     return section
 
 
-def _training_section(config: TrainConfig, state: dict, metrics: dict, job_seconds: float) -> dict[str, Any]:
+def _training_section(
+    config: TrainConfig, state: dict, metrics: dict, job_seconds: float, init: dict | None
+) -> dict[str, Any]:
     return {
+        "init": init,
         "steps": state["step"],
         "segments": state["segments"],
         "wall_seconds": round(state["seconds"], 1),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.models.checkpoints import fetch_checkpoint
-from pipeline.models.tuner import load_tuner, restore_images
+from pipeline.models.tuner import RestorationNet, TunerArch, load_tuner, restore_images, save_tuner
 from pipeline.sample import sample_records, write_webdataset
-from pipeline.training.card import read_card
+from pipeline.training.card import build_card, read_card, write_model
 from pipeline.training.config import load_train_config
 from pipeline.training.trainer import train_tuner
 from tests.conftest import BUCKET
@@ -73,3 +74,35 @@ def load_tuner_from(uri: str, tmp_path) -> torch.nn.Module:
     image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     assert not np.array_equal(restore_images(model, [image], 64, 8, 1, torch.device("cpu"))[0], image)
     return model
+
+
+def test_fine_tuning_starts_from_the_init_checkpoint_takes_its_architecture_and_records_its_lineage(
+    ray_cluster, tmp_path
+):
+    write_webdataset(sample_records(max_side=64), tmp_path / "shards", shard_size=6)
+    torch.manual_seed(0)
+    start = RestorationNet(TunerArch(channels=8, depth=3, unshuffle=1))
+    torch.nn.init.normal_(start.head.weight, std=0.05)
+    write_model(str(tmp_path / "start"), start, build_card(start, "start", {"digest": "d"}, {"steps": 7}, []))
+    # A vanishing learning rate: what comes out is what the run started from.
+    overrides = [*TINY[5:], "optim.steps=2", "optim.lr=1e-12", f"init={tmp_path / 'start'}"]
+    result = train_tuner(load_train_config(None, overrides, input=str(tmp_path / "shards"), output=str(tmp_path / "m")))
+
+    tuned, _ = load_tuner(tmp_path / "m")
+    assert tuned.arch == start.arch and result.card["architecture"]["channels"] == 8
+    for name, tensor in start.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[name], tensor, atol=1e-6, rtol=0)
+    start_id = load_tuner(tmp_path / "start")[1]
+    lineage = {"model": start_id, "name": "start", "training": {"steps": 7}, "data_digest": "d"}
+    assert result.card["training"]["init"] == lineage
+
+
+def test_fine_tuning_refuses_an_explicit_architecture_unlike_the_init_checkpoint(tmp_path):
+    save_tuner(RestorationNet(TunerArch(channels=8, depth=3, unshuffle=1)), str(tmp_path / "start.safetensors"))
+    config = load_train_config(
+        None, ["arch.channels=16", f"init={tmp_path / 'start.safetensors'}"], input=str(tmp_path), output="unused"
+    )
+    with pytest.raises(ValueError, match="drop the arch settings"):
+        train_tuner(config)
+    with pytest.raises(ValueError, match="training from scratch"):
+        train_tuner(load_train_config(None, ["init=random"], input=str(tmp_path), output="unused"))
