@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from pipeline.bench.listing import moto_s3
 from pipeline.models.openclip import initialise_random_weights
 from pipeline.sample import SampleRecord, sample_records
 
@@ -24,32 +23,13 @@ MODELS = Path(__file__).parent.parent / "pipeline" / "configs" / "models"
 TINY_CLIP = str(MODELS / "tiny-clip.json")
 TINY_COCA = str(MODELS / "tiny-coca.json")
 BUCKET = "imagetune-test"
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server on 127.0.0.1; the AWS environment points every process at it."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {name: os.environ.get(name) for name in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
-    yield endpoint
-    server.stop()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -119,16 +119,7 @@ def run_baseline(config: JobConfig, shards: list[Path], output: Path, workers: i
 def process_rows(models: BaselineModels, config: JobConfig, rows: list[dict[str, Any]]) -> pa.Table:
     """Tune, caption, score and encode one batch of decoded rows; returns its output table."""
     tuned = [tune_image(models.tuner, row["image"]) for row in rows]
-    caption = config.caption
-    tokens = models.coca.model.generate(
-        _preprocess(models.coca, tuned),
-        seq_len=caption.seq_len,
-        generation_type=caption.generation_type,
-        num_beams=caption.num_beams,
-        num_beam_groups=caption.num_beam_groups,
-        min_seq_len=caption.min_seq_len,
-        repetition_penalty=caption.repetition_penalty,
-    )
+    tokens = models.coca.model.generate(_preprocess(models.coca, tuned), **config.caption.generate_kwargs())
     generated = decode_tokens(models.coca.tokenizer, tokens)
     clip = models.clip
     embeddings = F.normalize(clip.model.encode_image(_preprocess(clip, tuned)), dim=-1)

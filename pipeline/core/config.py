@@ -82,6 +82,17 @@ class CaptionConfig:
     decoder: Literal["cached", "open_clip"] = "cached"
     allow_pickle: bool = False
 
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``CoCa.generate`` (and of the cached decoder, which takes the same)."""
+        return {
+            "seq_len": self.seq_len,
+            "generation_type": self.generation_type,
+            "num_beams": self.num_beams,
+            "num_beam_groups": self.num_beam_groups,
+            "min_seq_len": self.min_seq_len,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
 
 @dataclass
 class ClipConfig:

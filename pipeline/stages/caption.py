@@ -52,15 +52,7 @@ class CaptionStage(Stage):
         for start in range(0, len(images), config.batch_size):
             pixels = coca.pixels(images[start : start + config.batch_size])
             with torch.inference_mode(), coca.autocast():
-                tokens = self._generate(
-                    pixels,
-                    seq_len=config.seq_len,
-                    generation_type=config.generation_type,
-                    num_beams=config.num_beams,
-                    num_beam_groups=config.num_beam_groups,
-                    min_seq_len=config.min_seq_len,
-                    repetition_penalty=config.repetition_penalty,
-                )
+                tokens = self._generate(pixels, **config.generate_kwargs())
             captions.extend(decode_tokens(coca.tokenizer, tokens))
         return captions
 
