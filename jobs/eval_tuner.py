@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.core.config import RANDOM
+from pipeline.core.config import CHECKPOINT_CACHE, RANDOM
 from pipeline.models.tuner import DEFAULT, DEFAULT_DIR
 from pipeline.stages.tune import load_tuner_model
 from pipeline.training.card import add_evaluation
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-card", action="store_true", help="record the table in the model's card")
     args = parser.parse_args(argv)
 
-    model, model_id = load_tuner_model(args.model, "~/.cache/imagetune/checkpoints")
+    model, model_id = load_tuner_model(args.model, CHECKPOINT_CACHE)
     images = read_image_set(args.images, args.max_images, args.max_side)
     dataset = args.dataset or args.images.rstrip("/").rsplit("/", 1)[-1]
     table = evaluate(model, images, args.sigma, args.jpeg, baselines=not args.no_baselines, seed=args.seed)

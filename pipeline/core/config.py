@@ -22,6 +22,7 @@ from pipeline.core.storage import redact_uri
 ConfigT = TypeVar("ConfigT")
 
 RANDOM = "random"
+CHECKPOINT_CACHE = "~/.cache/imagetune/checkpoints"  # per node, for checkpoints fetched from object storage
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -144,7 +145,7 @@ class RunnerConfig:
     clip_num_gpus: float = 0.25
     progress_bars: bool | None = None
     lock_ttl_seconds: float = 600.0
-    checkpoint_cache: str = "~/.cache/imagetune/checkpoints"
+    checkpoint_cache: str = CHECKPOINT_CACHE
 
 
 @dataclass

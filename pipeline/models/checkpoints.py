@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the format's own limit
-CACHE_DIR = "~/.cache/imagetune/checkpoints"  # per node, for checkpoints fetched from object storage
 CHECKPOINT_NAMES = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.core.batch import Batch, fill, ok_mask, writable
-from pipeline.core.config import CaptionConfig
-from pipeline.models.checkpoints import CACHE_DIR
+from pipeline.core.config import CHECKPOINT_CACHE, CaptionConfig
 from pipeline.models.coca_decoder import CocaCaptionDecoder
 from pipeline.models.openclip import OpenClipModel, load_open_clip, select_device
 from pipeline.stages.base import Stage
@@ -34,7 +33,7 @@ class CaptionStage(Stage):
     """
 
     config: CaptionConfig
-    cache_dir: str = CACHE_DIR
+    cache_dir: str = CHECKPOINT_CACHE
     name: ClassVar[str] = "caption"
 
     def setup(self) -> None:

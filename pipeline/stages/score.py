@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.core.batch import Batch, fill, ok_mask, writable
-from pipeline.core.config import ClipConfig
-from pipeline.models.checkpoints import CACHE_DIR
+from pipeline.core.config import CHECKPOINT_CACHE, ClipConfig
 from pipeline.models.openclip import OpenClipModel, load_open_clip, select_device
 from pipeline.stages.base import Stage
 
@@ -23,7 +22,7 @@ class ClipScoreStage(Stage):
     """
 
     config: ClipConfig
-    cache_dir: str = CACHE_DIR
+    cache_dir: str = CHECKPOINT_CACHE
     name: ClassVar[str] = "score"
 
     def setup(self) -> None:

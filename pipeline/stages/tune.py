@@ -8,8 +8,8 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.core.batch import Batch, fill, object_column, ok_mask, writable
-from pipeline.core.config import RANDOM, TuneConfig
-from pipeline.models.checkpoints import CACHE_DIR, fetch_checkpoint
+from pipeline.core.config import CHECKPOINT_CACHE, RANDOM, TuneConfig
+from pipeline.models.checkpoints import fetch_checkpoint
 from pipeline.models.openclip import select_device
 from pipeline.models.staging import HostStaging
 from pipeline.models.tuner import DEFAULT, default_tuner, load_tuner, random_tuner, restore_images
@@ -33,7 +33,7 @@ class TuneStage(Stage):
     """``image`` → restored ``image`` (same size, uint8), plus the ``tuner_model`` provenance."""
 
     config: TuneConfig
-    cache_dir: str = CACHE_DIR
+    cache_dir: str = CHECKPOINT_CACHE
     name: ClassVar[str] = "tune"
 
     def setup(self) -> None:

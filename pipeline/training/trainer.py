@@ -23,8 +23,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from pipeline.core import storage
-from pipeline.core.config import RANDOM
-from pipeline.models.checkpoints import CACHE_DIR
+from pipeline.core.config import CHECKPOINT_CACHE, RANDOM
 from pipeline.models.tuner import DEFAULT, DEFAULT_DIR, TunerArch, load_tuner
 from pipeline.readers.plan import Shard, plan_shards
 from pipeline.stages.tune import load_tuner_model
@@ -124,7 +123,7 @@ def _resolve_init(config: TrainConfig) -> tuple[TrainConfig, dict[str, torch.Ten
         return config, None, None
     if config.init == RANDOM:
         raise ValueError("init=random is training from scratch: leave init unset and choose arch instead")
-    network, model_id = load_tuner_model(config.init, CACHE_DIR)
+    network, model_id = load_tuner_model(config.init, CHECKPOINT_CACHE)
     if config.arch not in (TunerArch(), network.arch):
         raise ValueError(
             f"arch {config.arch} differs from init={storage.redact_uri(config.init)}'s {network.arch}: "
