@@ -29,9 +29,10 @@ def test_default_tuner_removes_noise_and_leaves_clean_images_alone():
     from skimage import data
 
     model, _ = default_tuner()
-    clean = np.ascontiguousarray(data.astronaut()[:128, :128])
-    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 25, clean.shape), 0, 255).astype(np.uint8)
-    cpu = torch.device("cpu")
-    restored, untouched = restore_images(model, [noisy, clean], 512, 32, 2, cpu)
-    assert psnr(clean, restored) > psnr(clean, noisy) + 3
-    assert psnr(clean, untouched) > 35
+    photo = data.astronaut()
+    corners = [np.ascontiguousarray(photo[:128, :128]), np.ascontiguousarray(photo[-128:, -128:])]
+    noisy = np.clip(corners[0] + np.random.default_rng(0).normal(0, 25, (128, 128, 3)), 0, 255).astype(np.uint8)
+    restored, *untouched = restore_images(model, [noisy, *corners], 512, 32, 3, torch.device("cpu"))
+    assert psnr(corners[0], restored) > psnr(corners[0], noisy) + 3
+    # The 2026-11 checkpoint, trained with pooled L2, smoothed these clean corners to 41.7 and 37.2 dB.
+    assert min(psnr(clean, output) for clean, output in zip(corners, untouched, strict=True)) > 44
