@@ -12,7 +12,6 @@ import argparse
 import sys
 
 from pipeline.core.config import CHECKPOINT_CACHE, RANDOM
-from pipeline.models.tuner import DEFAULT, DEFAULT_DIR
 from pipeline.stages.tune import load_tuner_model
 from pipeline.training.card import add_evaluation
 from pipeline.training.data import read_image_set
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_card:
         if args.model == RANDOM:
             raise ValueError("--write-card needs a model with a card; 'random' has none")
-        add_evaluation(str(DEFAULT_DIR) if args.model == DEFAULT else args.model, result)
+        add_evaluation(args.model, result)
         print(f"recorded the evaluation on {dataset} in the model card")
     return 0
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.core import storage
 from pipeline.models.checkpoints import file_digest
-from pipeline.models.tuner import RestorationNet, save_tuner
+from pipeline.models.tuner import DEFAULT, DEFAULT_DIR, RestorationNet, save_tuner
 
 MODEL_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
@@ -82,5 +82,7 @@ def add_evaluation(model_uri: str, evaluation: dict[str, Any]) -> None:
 
 
 def model_directory(model_uri: str) -> str:
-    """The directory of a model given as its directory or as its ``model.safetensors``."""
+    """The directory of a model given as its directory, its ``model.safetensors`` or ``default``."""
+    if model_uri == DEFAULT:
+        return str(DEFAULT_DIR)
     return model_uri.removesuffix(MODEL_FILE).rstrip("/") if model_uri.endswith(MODEL_FILE) else model_uri

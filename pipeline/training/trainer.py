@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.core import storage
 from pipeline.core.config import CHECKPOINT_CACHE, RANDOM
-from pipeline.models.tuner import DEFAULT, DEFAULT_DIR, TunerArch, load_tuner
+from pipeline.models.tuner import TunerArch, load_tuner
 from pipeline.readers.plan import Shard, plan_shards
 from pipeline.stages.tune import load_tuner_model
 from pipeline.training.card import build_card, read_card, write_model
@@ -138,7 +138,7 @@ def _resolve_init(config: TrainConfig) -> tuple[TrainConfig, dict[str, torch.Ten
 def _init_card(init: str) -> dict[str, Any]:
     """The starting tuner's name and training section, from the model card beside it (if any)."""
     try:
-        card = read_card(str(DEFAULT_DIR) if init == DEFAULT else init)
+        card = read_card(init)
     except (FileNotFoundError, NotADirectoryError):
         return {}
     return {

@@ -8,12 +8,14 @@ import torch
 from pipeline.core.config import TuneConfig
 from pipeline.models.tuner import DEFAULT_DIR, default_tuner, restore_images
 from pipeline.stages.tune import TuneStage
+from pipeline.training.card import read_card
 from pipeline.training.metrics import psnr
 
 
 def test_default_tuner_ships_with_its_card_and_is_what_the_stage_loads_by_default():
     model, model_id = default_tuner()
     card = json.loads((DEFAULT_DIR / "model_card.json").read_text())
+    assert read_card("default") == card
     assert model_id.startswith(f"imagetune-tuner:{card['name']}@sha256:")
     assert card["architecture"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert card["architecture"]["gmac_per_megapixel"] <= 250
