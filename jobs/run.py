@@ -17,7 +17,7 @@ def job_arguments(prog: str, description: str | None) -> argparse.ArgumentParser
     parser.add_argument("--output", help="output URI for Parquet, _manifest/ and _runs/")
     parser.add_argument("--config", help="job YAML; command-line values override it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. clip.batch_size=256")
-    parser.add_argument("--run-id", help="defaults to a timestamped id")
+    parser.add_argument("--run-id", help="unique per output (a used one is refused); defaults to a timestamped id")
     return parser
 
 

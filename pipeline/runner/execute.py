@@ -123,7 +123,8 @@ class _ShardCommitter:
         return self.outcome
 
     def _file(self, shard_id: str) -> str:
-        """Named by shard and run: a failed finalize can never overwrite the file a commit names."""
+        """Named by shard and run, and an output refuses a run id it has seen (``refuse_reused_run_id``):
+        a failed finalize can never overwrite the file a commit names."""
         return f"{self.partition}/{self.shards[shard_id].output_name}-{self.run_id}.parquet"
 
     def _start(self, shard_id: str) -> None:

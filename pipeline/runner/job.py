@@ -127,6 +127,7 @@ def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | 
         return RunReport(_summary(config, run_id, started, clock, shards, todo, skipped, None, mode), None)
     with OutputLock(config.output, run_id, config.runner.lock_ttl_seconds) as lock:
         manifest = read_manifest(config.output)
+        refuse_reused_run_id(config.output, run_id, manifest)
         collect_garbage(config.output, manifest, run_id)
         todo, skipped = select_shards(shards, manifest, mode)
         logger.info("run %s: %d of %d shards to process, %d unchanged", run_id, len(todo), len(shards), skipped)
@@ -150,6 +151,23 @@ def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | 
         uri,
     )
     return RunReport(summary, uri)
+
+
+def refuse_reused_run_id(output: str, run_id: str, manifest: dict[str, dict]) -> None:
+    """Refuse a run id this output has seen: its data files are named by shard, date and run id.
+
+    A scheduler that retries ``--run-id nightly-2026-12-01`` the same day would otherwise write over
+    the files that the first attempt's commits name, and a failed finalize would delete them.
+    """
+    committed = sorted(shard_id for shard_id, entry in manifest.items() if entry.get("run_id") == run_id)
+    summary = storage.join(output, RUNS_DIR, f"{run_id}.json")
+    fs, path = storage.filesystem(summary)
+    if committed or fs.exists(path):
+        where = f"{len(committed)} committed shards name it" if committed else f"{storage.redact_uri(summary)} exists"
+        raise ValueError(
+            f"run id {run_id!r} was already used on {storage.redact_uri(output)} ({where}); "
+            "give each run its own --run-id, or leave it out for a timestamped one"
+        )
 
 
 def _summary(config, run_id, started, clock, shards, todo, skipped, outcome: RunOutcome | None, mode) -> dict:
