@@ -27,6 +27,7 @@ class ShardMember:
     size: int
     version: str
     caption_uri: str = ""
+    caption_version: str = ""  # size and version of the caption sidecar, which changes the record too
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class Shard:
         """Digest of every member's uri, size and version: equal fingerprints mean unchanged input."""
         digest = hashlib.sha256()
         for member in self.members:
-            digest.update(f"{member.uri}\0{member.size}\0{member.version}\n".encode())
+            caption = f"\0{member.caption_uri}\0{member.caption_version}" if member.caption_uri else ""
+            digest.update(f"{member.uri}\0{member.size}\0{member.version}{caption}\n".encode())
         return digest.hexdigest()
 
     @property
@@ -59,7 +61,13 @@ class Shard:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Shard:
         members = tuple(
-            ShardMember(str(m["uri"]), int(m["size"]), str(m["version"]), str(m.get("caption_uri") or ""))
+            ShardMember(
+                str(m["uri"]),
+                int(m["size"]),
+                str(m["version"]),
+                str(m.get("caption_uri") or ""),
+                str(m.get("caption_version") or ""),
+            )
             for m in row["members"]
         )
         return cls(shard_id=str(row["shard_id"]), kind=row["kind"], members=members)
@@ -86,7 +94,7 @@ def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
             listing = fs.find(root, withdirs=False, detail=True)
     shards: list[Shard] = []
     image_files: dict[str, list[ShardMember]] = defaultdict(list)
-    sidecars = {path.rsplit(".", 1)[0] for path in listing if path.lower().endswith(".txt")}
+    sidecars = {path.rsplit(".", 1)[0]: path for path in listing if path.lower().endswith(".txt")}
     for path, info in sorted(listing.items()):
         relative = path[len(root) :].lstrip("/") if path.startswith(root) else path
         name = relative.rsplit("/", 1)[-1]
@@ -101,7 +109,9 @@ def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
             shards.append(Shard(relative, "parquet", (member,)))
         elif extension in IMAGE_EXTENSIONS:
             if stem in sidecars:
-                member = replace(member, caption_uri=storage.protocol_uri(fs, stem + ".txt"))
+                sidecar = sidecars[stem]
+                version = f"{int(listing[sidecar].get('size') or 0)}:{_version(listing[sidecar])}"
+                member = replace(member, caption_uri=storage.protocol_uri(fs, sidecar), caption_version=version)
             image_files[relative.rpartition("/")[0]].append(member)
     for directory, members in image_files.items():
         for start in range(0, len(members), files_per_shard):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.config import ReadConfig
-from pipeline.readers.plan import plan_shards
+from pipeline.readers.plan import Shard, plan_shards
 from pipeline.readers.shards import read_shard
 from pipeline.sample import write_webdataset
 
@@ -110,3 +110,17 @@ def test_plain_files_take_captions_from_sidecars(tmp_path, photos):
     _, rows = _rows(shard)
     assert list(rows["caption"]) == [None, "caf\ufffd caption"]
     assert list(rows["id"]) == [f"@files-00000#{r.key}.png" for r in (chelsea, coffee)]
+
+
+def test_a_caption_sidecar_added_or_edited_changes_the_fingerprint_and_any_case_is_read(tmp_path, photos):
+    record = photos[3]
+    (tmp_path / f"{record.key}.png").write_bytes(record.data)
+    (bare,) = plan_shards(str(tmp_path))
+    (tmp_path / f"{record.key}.TXT").write_text("a cat")
+    (captioned,) = plan_shards(str(tmp_path))
+    (tmp_path / f"{record.key}.TXT").write_text("a cat on a mat")
+    (edited,) = plan_shards(str(tmp_path))
+    assert len({bare.fingerprint, captioned.fingerprint, edited.fingerprint}) == 3
+    assert Shard.from_row(edited.to_row()).fingerprint == edited.fingerprint
+    _, rows = _rows(edited)
+    assert list(rows["caption"]) == ["a cat on a mat"] and list(rows["status"]) == ["ok"]
