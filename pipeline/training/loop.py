@@ -125,7 +125,9 @@ def train_loop(loop_config: dict) -> None:
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()
     train_images, val_images = _load_images(loop_config, config.val_crop)
-    model = RestorationNet(config.arch)
+    # On the device before the optimiser restores its state: load_state_dict puts the moments
+    # where the parameters are then, and AdamW refuses moments on another device than its weights.
+    model = RestorationNet(config.arch).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     state = _restore(model, optimizer, loop_config.get("init_weights"))
     state.segments.append([state.step, state.step])
