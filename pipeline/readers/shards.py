@@ -63,6 +63,17 @@ def _tar_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
             group[extension] = extracted.read() if extracted else b""
         if key is not None:
             yield _tar_record(shard, key, group, config)
+        _check_tar_end(tar, shard.members[0].size)
+
+
+def _check_tar_end(tar: tarfile.TarFile, size: int) -> None:
+    """Raise if an uncompressed tar ended without its end-of-archive block.
+
+    ``tarfile`` ends a stream quietly when the data stops at a member boundary or inside a header, so
+    a tar cut short there would look complete and lose its remaining records without a trace.
+    """
+    if getattr(tar.fileobj, "comptype", "tar") == "tar" and size and size - tar.offset < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"truncated: the archive stops at byte {size} without its end-of-archive block")
 
 
 def _tar_record(shard: Shard, key: str, group: dict[str, bytes], config: ReadConfig) -> Record:
@@ -81,7 +92,7 @@ def _tar_record(shard: Shard, key: str, group: dict[str, bytes], config: ReadCon
 def _json_caption(raw: bytes, field: str) -> str | None:
     try:
         value = json.loads(raw).get(field)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep
         return None
     return str(value) if value is not None else None
 

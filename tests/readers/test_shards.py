@@ -6,6 +6,7 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.core.config import ReadConfig
 from pipeline.readers.plan import Shard, plan_shards
@@ -87,6 +88,32 @@ def test_unreadable_tar_keeps_what_was_read_and_accounts_for_the_rest(tmp_path, 
     assert rows["status"][-1] == "error" and rows["error_stage"][-1] == "read"
     assert "shard unreadable after" in rows["error_message"][-1]
     assert batches[-1]["_shard_total"][0] == len(rows["id"])
+
+
+@pytest.mark.parametrize("into_header", [0, 100], ids=["at-a-member-boundary", "inside-a-header"])
+def test_a_tar_cut_where_tarfile_sees_a_quiet_end_still_reports_the_loss(tmp_path, photos, into_header):
+    write_webdataset(photos[:4], tmp_path, shard_size=4)
+    path = tmp_path / "sample-00000.tar"
+    with tarfile.open(path) as tar:
+        firsts = {member.name.split(".")[0]: member.offset for member in reversed(tar.getmembers())}
+    third = sorted(firsts.values())[2]  # where the third record's first member starts
+    path.write_bytes(path.read_bytes()[: third + into_header])
+    (shard,) = plan_shards(str(tmp_path))
+    _, rows = _rows(shard)
+    assert list(rows["status"]) == ["ok", "ok", "error"]
+    assert "shard unreadable after 2 records" in rows["error_message"][2]
+    assert "without its end-of-archive block" in rows["error_message"][2]
+
+
+def test_a_json_sidecar_nested_too_deep_costs_only_its_caption(tmp_path, photos):
+    with tarfile.open(tmp_path / "deep.tar", "w") as tar:
+        _add(tar, "a.json", b"[" * 200_000)
+        _add(tar, "a.png", photos[0].data)
+        _add(tar, "b.png", photos[1].data)
+    (shard,) = plan_shards(str(tmp_path))
+    _, rows = _rows(shard)
+    assert list(rows["source_key"]) == ["a", "b"] and list(rows["status"]) == ["ok", "ok"]
+    assert rows["caption"][0] is None
 
 
 def test_parquet_shard_reads_configured_columns_and_names_a_missing_one(tmp_path, photos):
