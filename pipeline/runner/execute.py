@@ -92,8 +92,17 @@ class _ShardCommitter:
         self._finalize = ray.remote(num_cpus=0, max_retries=3)(finalize_shard)
 
     def add_part(self, meta: dict) -> None:
-        """Account for one staged part; start finalizing its shard once all rows are staged."""
+        """Account for one staged part; start finalizing its shard once all rows are staged.
+
+        A part that arrives after its shard started finalizing repeats rows already staged (a
+        re-executed task); counting it would finalize the shard a second time into the same file.
+        """
         state = self.progress[meta["shard_id"]]
+        if state.finalizing:
+            logger.warning(
+                "shard %s: ignoring part %s, staged after the shard was complete", meta["shard_id"], meta["part_uri"]
+            )
+            return
         state.parts.append(meta["part_uri"])
         state.ordinals.update(json.loads(meta["ordinals"]))
         state.total = max(state.total, int(meta["shard_total"]))

@@ -49,3 +49,13 @@ def test_a_balanced_shard_is_committed_and_counted(ray_cluster, tmp_path):
     assert outcome.committed == ["a.tar"] and outcome.failed == {}
     assert outcome.accounting() == {"records_in": 3, "rows_out": 3, "balanced": True}
     assert (tmp_path / "output" / "_manifest").exists()
+
+
+def test_a_part_staged_again_after_its_shard_completed_is_not_finalized_twice(ray_cluster, tmp_path):
+    committer = _committer(tmp_path)
+    part = _staged(tmp_path, _batch(["a.tar", "a.tar"], ["ok", "ok"]))
+    committer.add_part(part)
+    committer.add_part({**part, "part_uri": part["part_uri"] + ".retry"})  # a re-executed task's copy
+    outcome = committer.finish()
+    assert outcome.committed == ["a.tar"] and outcome.failed == {}
+    assert outcome.accounting() == {"records_in": 2, "rows_out": 2, "balanced": True}
