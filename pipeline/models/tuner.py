@@ -12,6 +12,7 @@ untiled outputs agree and memory stays bounded whatever the image size.
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from pipeline.models.staging import HostStaging
 FORMAT = "imagetune-tuner-v1"
 DEFAULT = "default"
 DEFAULT_DIR = Path(__file__).parent / "default_tuner"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,7 @@ def load_tuner(path: str | Path) -> tuple[RestorationNet, str]:
 
 def random_tuner(seed: int = 0) -> tuple[RestorationNet, str]:
     """An untrained network (identity, since its last layer is zero), labelled as random."""
+    logger.warning("the tuner runs with RANDOM WEIGHTS (tune.model=random): it returns its input unchanged")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = RestorationNet(TunerArch())
@@ -255,6 +259,16 @@ def _starts(length: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
 
 
 @torch.inference_mode()
+def tile_geometry(arch: TunerArch, tile_size: int, overlap: int) -> tuple[int, int]:
+    """Tile size and overlap rounded (down and up) to multiples of ``arch.multiple``, so every tile
+    sits on the network's downsampling grid; raises if the tile no longer exceeds twice the overlap."""
+    factor = arch.multiple
+    tile_size, overlap = tile_size - tile_size % factor, -(-overlap // factor) * factor
+    if tile_size <= 2 * overlap:
+        raise ValueError(f"tile size {tile_size} must exceed twice the overlap {overlap} (multiples of {factor})")
+    return tile_size, overlap
+
+
 def restore_images(
     model: RestorationNet,
     images: list[np.ndarray],
@@ -268,13 +282,10 @@ def restore_images(
 
     Tiles of equal shape, from any image of the batch, run together in batches of ``batch_size``;
     they reach the device through ``staging`` (an actor keeps one; by default a new one).
-    Tile size and overlap are rounded (down and up) to multiples of ``arch.multiple``, so every tile
-    sits on the network's downsampling grid and tiled output equals untiled output.
+    Tile size and overlap are rounded as ``tile_geometry`` says, so tiled output equals untiled output.
     """
     factor = model.arch.multiple
-    tile_size, overlap = tile_size - tile_size % factor, -(-overlap // factor) * factor
-    if tile_size <= 2 * overlap:
-        raise ValueError(f"tile size {tile_size} must exceed twice the overlap {overlap} (multiples of {factor})")
+    tile_size, overlap = tile_geometry(model.arch, tile_size, overlap)
     padded = [_pad_to_multiple(image, factor) for image in images]
     outputs = [np.empty_like(image) for image in padded]
     groups: dict[tuple[int, int], list[_Tile]] = defaultdict(list)

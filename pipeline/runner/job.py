@@ -66,7 +66,9 @@ def build_stages(config: JobConfig) -> PipelineStages:
 
 def preflight(config: JobConfig) -> None:
     """Fail before reading any data when a model cannot be found or would load unsafely."""
-    if config.tune.model not in (RANDOM, DEFAULT):
+    if config.tune.model == RANDOM:
+        logger.warning("the tuner will run with RANDOM WEIGHTS, as configured; its outputs are labelled so")
+    elif config.tune.model != DEFAULT:
         locate_checkpoint(config.tune.model or "")  # safetensors only: never a pickle
     checks = [(config.clip.model, config.clip.pretrained, config.clip.allow_pickle)]
     if config.caption.enabled:

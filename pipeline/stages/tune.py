@@ -12,7 +12,14 @@ from pipeline.core.config import CHECKPOINT_CACHE, RANDOM, TuneConfig
 from pipeline.models.checkpoints import fetch_checkpoint
 from pipeline.models.openclip import select_device
 from pipeline.models.staging import HostStaging
-from pipeline.models.tuner import DEFAULT, default_tuner, load_tuner, random_tuner, restore_images
+from pipeline.models.tuner import (
+    DEFAULT,
+    default_tuner,
+    load_tuner,
+    random_tuner,
+    restore_images,
+    tile_geometry,
+)
 from pipeline.stages.base import Stage
 
 
@@ -46,6 +53,10 @@ class TuneStage(Stage):
                 f"tune.tile_overlap={config.tile_overlap} is below the model's receptive radius {radius}: "
                 "tiles would show seams; raise tune.tile_overlap"
             )
+        try:
+            tile_geometry(network.arch, config.tile_size, config.tile_overlap)
+        except ValueError as error:
+            raise ValueError(f"tune.tile_size={config.tile_size} does not fit this model: {error}") from None
         self._network = network.to(self._device)
         self._staging = HostStaging(self._device)
 

@@ -34,12 +34,15 @@ def _trained_like(seed: int = 3, arch: TunerArch = ARCHS[0]) -> RestorationNet:
     return model.eval()
 
 
-def test_untrained_tuner_is_the_identity_and_says_it_is_random():
+def test_untrained_tuner_is_the_identity_and_says_it_is_random(caplog, tmp_path):
     model, model_id = random_tuner()
     image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     (out,) = restore_images(model, [image], 512, 32, 4, CPU)
     assert np.array_equal(out, image)
     assert "RANDOM-WEIGHTS" in model_id
+    preflight(load_config(None, ["tune.model=random"], input=str(tmp_path), output=str(tmp_path)))
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING" and "tuner" in r.message]
+    assert len(warnings) == 2 and all("RANDOM WEIGHTS" in message for message in warnings)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"{a.kind}-u{a.unshuffle}-l{a.levels}")
@@ -118,3 +121,13 @@ def test_pickle_and_corrupt_checkpoints_are_refused(tmp_path):
 def test_stage_refuses_an_overlap_below_the_receptive_field(tmp_path):
     with pytest.raises(ValueError, match="receptive radius"):
         TuneStage(TuneConfig(model="random", tile_size=64, tile_overlap=4)).setup()
+
+
+def test_stage_refuses_a_tile_that_rounds_to_less_than_twice_the_overlap(tmp_path):
+    arch = TunerArch(kind="unet", channels=8, depth=2, levels=2, unshuffle=2)  # tiles on multiples of 8
+    path = tmp_path / "unet.safetensors"
+    save_tuner(RestorationNet(arch), str(path), {"name": "unet"})
+    radius = arch.receptive_radius
+    config = TuneConfig(model=str(path), tile_size=2 * radius + 8, tile_overlap=radius + 2)
+    with pytest.raises(ValueError, match=r"tune.tile_size=.* does not fit this model: tile size .* twice the overlap"):
+        TuneStage(config).setup()
