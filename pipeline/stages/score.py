@@ -45,11 +45,11 @@ class ClipScoreStage(Stage):
 
     @torch.inference_mode()
     def similarity(self, image_embeddings: torch.Tensor, texts: list) -> np.ndarray:
-        """Cosine similarity of each image with its text; NaN where the text is missing or empty."""
+        """Cosine similarity of each image with its text; NaN where the text is missing or blank."""
         clip = self._clip
         scores = np.full(len(texts), np.nan, dtype=np.float32)
         # A block whose captions are all missing comes back from Arrow as NaN floats, not None.
-        present = [i for i, text in enumerate(texts) if isinstance(text, str) and text]
+        present = [i for i, text in enumerate(texts) if isinstance(text, str) and text.strip()]
         for start in range(0, len(present), self._batch_size):
             rows = present[start : start + self._batch_size]
             tokens = clip.tokenizer([texts[i] for i in rows]).to(clip.device)

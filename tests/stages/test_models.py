@@ -72,7 +72,7 @@ def test_scores_equal_open_clip_cosine_and_are_null_without_text(tmp_path, image
     checkpoint = sharpened_checkpoint(TINY_CLIP, tmp_path / "clip.safetensors", seed=2)
     stage = ClipScoreStage(ClipConfig(model=TINY_CLIP, pretrained=str(checkpoint), batch_size=3))
     stage.setup()
-    captions = ["a cat", None, "", "a rocket", "galaxies " * 100, "coins", "x", "a brick wall"]
+    captions = ["a cat", None, " \n ", "a rocket", "galaxies " * 100, "coins", "x", "a brick wall"]
     nan_caption = float("nan")  # an all-missing caption column comes back from Arrow as NaN
     generated = ["one", "two", "three", "four", "five", "six", "seven", ""]
     status = ["ok"] * 7 + ["error"]
@@ -91,7 +91,7 @@ def test_scores_equal_open_clip_cosine_and_are_null_without_text(tmp_path, image
 
     for i in range(7):
         for column, texts in (("clip_score", captions), ("generated_clip_score", generated)):
-            if texts[i]:
+            if texts[i] and texts[i].strip():
                 assert abs(out[column][i] - cosine(i, texts[i])) <= 1e-4
             else:
                 assert np.isnan(out[column][i])
