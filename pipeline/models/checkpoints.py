@@ -129,9 +129,15 @@ def load_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, torch.T
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-@lru_cache(maxsize=16)
 def file_digest(path: str) -> str:
-    """sha256 of a file, once per process: the weights part of a model's provenance id."""
+    """sha256 of a file, once per process and version of the file: the weights part of a model's id."""
+    stat = os.stat(path)
+    return _digest(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """The cache key names the file's version: a file rewritten in place gets a fresh digest."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
+import torch
 
 from pipeline.core.config import load_config
 from pipeline.models.checkpoints import CheckpointError, locate_checkpoint
-from pipeline.models.tuner import RestorationNet, TunerArch, save_tuner
+from pipeline.models.tuner import RestorationNet, TunerArch, load_tuner, save_tuner
 from pipeline.runner.job import run_batch_job
 from tests.conftest import BUCKET
 from tests.runner.test_refresh import FAST
@@ -53,3 +56,14 @@ def test_a_job_with_a_damaged_tuner_fails_before_it_reads_or_writes_anything(tmp
     with pytest.raises(CheckpointError, match="truncated"):
         run_batch_job(config)
     assert not (tmp_path / "output").exists()
+
+
+def test_a_checkpoint_rewritten_in_place_gets_the_digest_of_its_new_bytes(tmp_path):
+    path = tmp_path / "model.safetensors"
+    ids = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_tuner(RestorationNet(TunerArch(channels=8, depth=2)), str(path))
+        ids.append(load_tuner(str(path))[1])
+        assert ids[-1].endswith(hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+    assert ids[0] != ids[1]
