@@ -74,7 +74,9 @@ def decode_image(data: bytes, max_side: int, max_pixels: int, jpeg_draft: bool =
             raise DecodeError(f"image declares an empty size {image.width}x{image.height}")
         image_format = (image.format or "unknown").lower()
         stored = image.size
-        orientation = _orientation(image)
+        # Pillow's TIFF plugin applies the orientation itself (it reports the upright size and
+        # transposes on load); applying it again would turn the image twice.
+        orientation = 1 if image_format == "tiff" else _orientation(image)
         size = working_size(stored, max_side)
         profile = image.info.get("icc_profile")
         pixels = None

@@ -34,9 +34,10 @@ def test_animated_gif_uses_the_first_frame():
     assert tuple(decode_image(data, 64, LIMIT).pixels[0, 0]) == (255, 0, 0)
 
 
+@pytest.mark.parametrize("image_format", ["PNG", "WEBP", "TIFF"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_every_exif_orientation_comes_out_upright_from_png_too(orientation):
-    decoded = decode_image(oriented_image(orientation, "PNG"), 64, LIMIT)
+def test_every_exif_orientation_comes_out_upright_from_other_formats_too(orientation, image_format):
+    decoded = decode_image(oriented_image(orientation, image_format), 64, LIMIT)
     assert (decoded.width, decoded.height) == (30, 20)
     assert marker_top_left(decoded.pixels)
 
