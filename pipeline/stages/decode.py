@@ -182,13 +182,23 @@ def _to_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
     A profile that cannot be used (corrupt, or for another colour space than the pixels) is ignored,
     which is also what browsers do; the pixels are still the image.
     """
-    if not profile or image.mode not in ("RGB", "CMYK", "L"):
+    if not profile:
+        return image
+    colour, alpha = image, None
+    if colour.mode == "P":
+        colour = colour.convert("RGBA" if "transparency" in colour.info else "RGB")
+    if colour.mode in ("RGBA", "LA"):  # the profile describes the colour channels; alpha passes through
+        alpha, colour = colour.getchannel("A"), colour.convert(colour.mode[:-1])
+    if colour.mode not in ("RGB", "CMYK", "L"):
         return image
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        return ImageCms.profileToProfile(image, source, SRGB, outputMode="RGB")
+        converted = ImageCms.profileToProfile(colour, source, SRGB, outputMode="RGB")
     except (ImageCms.PyCMSError, OSError, ValueError):
         return image
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -160,6 +160,21 @@ def test_dct_scaling_starts_at_twice_the_draft_gap(photos):
     assert _psnr(scaled, full) > 35
 
 
+@pytest.mark.parametrize(
+    ("mode", "image_format"), [("RGB", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("RGBA", "TIFF"), ("RGBA", "WEBP")]
+)
+def test_icc_profile_is_applied_to_images_with_alpha_or_a_palette_too(mode, image_format):
+    red = Image.new("RGBA", (16, 16), (255, 0, 0, 255))
+    red.putpixel((0, 0), (255, 0, 0, 0))  # one transparent pixel: flattened onto white, not recoloured
+    image = red.convert("RGB").convert("P") if mode == "P" else red.convert(mode)
+    options = {"lossless": True} if image_format == "WEBP" else {}
+    data = encode(image, image_format, icc_profile=swapped_primaries_profile(), **options)
+    pixels = decode_image(data, 64, LIMIT).pixels.astype(int)
+    assert np.abs(pixels[8, 8] - (0, 0, 255)).max() < 40
+    if mode == "RGBA":
+        assert tuple(pixels[0, 0]) == (255, 255, 255)
+
+
 @pytest.mark.parametrize("size", [(16, 16), (600, 400)])
 def test_jpeg_icc_profile_is_applied_also_when_downscaled(size):
     data = encode(Image.new("RGB", size, (255, 0, 0)), "JPEG", quality=95, icc_profile=swapped_primaries_profile())
