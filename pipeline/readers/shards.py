@@ -78,7 +78,11 @@ def _check_tar_end(tar: tarfile.TarFile, size: int) -> None:
 
 def _tar_record(shard: Shard, key: str, group: dict[str, bytes], config: ReadConfig) -> Record:
     uri = f"{shard.members[0].uri}#{key}"
-    image_extensions = [ext for ext in group if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+    # The record's image is a plain ``jpg``/``png``/... member; compound fields such as ``depth.png``
+    # or ``seg.png`` are its other images, used only where it has no plain one.
+    image_extensions = sorted(
+        (ext for ext in group if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), key=lambda e: "." in e
+    )
     if not image_extensions:
         return Record(key=key, source_uri=uri, error=f"no image member (found: {', '.join(sorted(group))})")
     caption = None

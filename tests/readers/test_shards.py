@@ -105,6 +105,17 @@ def test_a_tar_cut_where_tarfile_sees_a_quiet_end_still_reports_the_loss(tmp_pat
     assert "without its end-of-archive block" in rows["error_message"][2]
 
 
+def test_a_record_with_several_image_fields_uses_its_plain_image(tmp_path, photos):
+    with tarfile.open(tmp_path / "fields.tar", "w") as tar:
+        _add(tar, "a.depth.png", photos[0].data)
+        _add(tar, "a.jpg", photos[1].data)
+        _add(tar, "b.seg.png", photos[2].data)
+    (shard,) = plan_shards(str(tmp_path))
+    _, rows = _rows(shard)
+    assert list(rows["source_key"]) == ["a", "b"]
+    assert [bytes(b) for b in rows["image_bytes"]] == [photos[1].data, photos[2].data]
+
+
 def test_a_json_sidecar_nested_too_deep_costs_only_its_caption(tmp_path, photos):
     with tarfile.open(tmp_path / "deep.tar", "w") as tar:
         _add(tar, "a.json", b"[" * 200_000)
