@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -135,14 +136,14 @@ def worker_env() -> dict[str, str]:
 def create_exclusive(uri: str, data: bytes) -> None:
     """Create ``uri`` holding ``data`` only if it does not exist; ``FileExistsError`` otherwise.
 
-    Atomic on S3 (a conditional PUT, ``If-None-Match: *``) and on local filesystems (``O_EXCL``).
+    Atomic on S3 (a conditional PUT, ``If-None-Match: *``) and on local filesystems, where the data
+    goes to a temporary file that is then hard-linked to ``uri``: ``O_EXCL`` and a write after it
+    would let a concurrent reader see the file existing but still empty.
     """
     fs, path = filesystem(uri)
     ensure_parent(fs, path)
     if _is_local(fs):
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
+        _link_exclusive(path, data)
         return
     try:
         fs.pipe_file(path, data, mode="create")
@@ -150,3 +151,15 @@ def create_exclusive(uri: str, data: bytes) -> None:
         if "PreconditionFailed" in str(error) or "412" in str(error) or isinstance(error, FileExistsError):
             raise FileExistsError(uri) from error
         raise
+
+
+def _link_exclusive(path: str, data: bytes) -> None:
+    """Publish ``data`` at ``path`` whole, or raise ``FileExistsError`` if ``path`` exists."""
+    temporary = f"{path}.{uuid.uuid4().hex}.tmp"  # unique per call: threads of one process may race too
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.link(temporary, path)
+    finally:
+        os.remove(temporary)

@@ -3,6 +3,8 @@
 Two runs writing one output would interleave commits and garbage-collect each other's files, so a
 second run is refused with a clear error. The lease is created with an exclusive write; a holder
 that stopped heartbeating (its expiry passed), or a dead process on this same host, loses it.
+Each ``OutputLock`` carries a random token: two processes started with the same run id are still
+two holders, and neither may renew or delete the other's lease.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import logging
 import os
 import socket
 import threading
+import time
+import uuid
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,15 +32,22 @@ class OutputLockedError(RuntimeError):
 
 
 class OutputLock:
-    """Context manager holding the lease on ``output`` for ``run_id``."""
+    """Context manager holding the lease on ``output`` for ``run_id``.
+
+    The lease is this instance's, identified by its token; ``run_id``, host and pid only name the
+    holder in messages.
+    """
 
     def __init__(self, output: str, run_id: str, ttl_seconds: float = 600.0) -> None:
         self.uri = storage.join(output, LOCK_FILE)
         self.run_id = run_id
+        self.token = uuid.uuid4().hex
         self.ttl = timedelta(seconds=ttl_seconds)
         self._stop = threading.Event()
         self.lost = False
         self._heartbeat: threading.Thread | None = None
+        # time.monotonic() when the expiry of the lease now in storage was computed; None until held
+        self._renewed_at: float | None = None
 
     def __enter__(self) -> OutputLock:
         self.acquire()
@@ -47,6 +59,7 @@ class OutputLock:
     def _payload(self) -> bytes:
         now = datetime.now(UTC)
         lease = {
+            "token": self.token,
             "run_id": self.run_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -57,14 +70,17 @@ class OutputLock:
 
     def acquire(self) -> None:
         """Take the lease, or raise ``OutputLockedError`` naming the run that holds it."""
+        started = time.monotonic()
         try:
             with storage.errors_naming(self.uri, "create the output lease"):
                 storage.create_exclusive(self.uri, self._payload())
         except FileExistsError:
             holder = self._read()
-            if holder is None or holder.get("run_id") != self.run_id:
+            if holder is None or holder.get("token") != self.token:
+                started = time.monotonic()
                 self._take_over(holder)
             # else: ours already; the create was retried after a response was lost
+        self._renewed_at = started
         self._heartbeat = threading.Thread(target=self._renew, name="output-lock-heartbeat", daemon=True)
         self._heartbeat.start()
 
@@ -80,7 +96,8 @@ class OutputLock:
         if self._read() != holder:
             raise OutputLockedError(f"another run took over {self.uri} first") from None
         fs, path = storage.filesystem(self.uri)
-        fs.rm_file(path)
+        with suppress(FileNotFoundError):  # gone already (released, or removed by another run): the create decides
+            fs.rm_file(path)
         try:
             storage.create_exclusive(self.uri, self._payload())
         except FileExistsError:
@@ -91,26 +108,43 @@ class OutputLock:
         while not self._stop.wait(interval):
             try:
                 holder = self._read()
-                if holder is None or holder.get("run_id") != self.run_id:
+                if holder is None or holder.get("token") != self.token:
                     logger.error("lost the output lease to run %s", (holder or {}).get("run_id"))
                     self.lost = True
                     return
+                started = time.monotonic()
                 storage.write_json(self.uri, json.loads(self._payload()))
+                self._renewed_at = started
             except Exception as error:  # a transient storage error: try again next beat
                 logger.warning("could not renew the output lease: %s", error)
 
     def ensure_held(self) -> None:
-        """Raise ``OutputLockedError`` if another run has taken the lease: stop before committing."""
+        """Raise ``OutputLockedError`` unless the lease is surely still ours: stop before committing.
+
+        Refused when another run has taken the lease, and also when renewals have failed for two
+        thirds of the ttl: the lease might then expire, and be taken over, before the commit lands.
+        """
         if self.lost:
             raise OutputLockedError(f"this run lost its lease on {self.uri}; stopping before the next commit")
+        if self._renewed_at is None:
+            raise OutputLockedError(f"this run does not hold the lease on {self.uri}; acquire it first")
+        age = time.monotonic() - self._renewed_at
+        if age > self.ttl.total_seconds() * 2 / 3:
+            since = datetime.now(UTC) - timedelta(seconds=age)
+            raise OutputLockedError(
+                f"renewals of the lease on {storage.redact_uri(self.uri)} have been failing since "
+                f"{since.isoformat(timespec='seconds')} (the last successful one, {age:.1f} s ago; ttl "
+                f"{self.ttl.total_seconds():g} s): it may expire before the next commit lands, so this run stops"
+            )
 
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours."""
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
+        self._renewed_at = None
         holder = self._read()
-        if holder is not None and holder.get("run_id") == self.run_id:
+        if holder is not None and holder.get("token") == self.token:
             fs, path = storage.filesystem(self.uri)
             fs.rm_file(path)
 
