@@ -1,8 +1,8 @@
 """Planning: list the input once on the driver and group it into shards.
 
 A shard is the unit of reading, writing and committing: a WebDataset ``.tar``, a Parquet file, or
-a group of plain image files from one directory. Workers never list storage; they open the exact
-objects the plan names.
+a group of plain image files from one directory (``group_files``). Workers never list storage; they
+open the exact objects the plan names.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pipeline.core import storage
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+MAX_GROUP_FACTOR = 4  # a group of plain files holds at most this many times ``files_per_shard``
 ShardKind = Literal["tar", "parquet", "files"]
 
 
@@ -114,15 +115,41 @@ def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
                 member = replace(member, caption_uri=storage.protocol_uri(fs, sidecar), caption_version=version)
             image_files[relative.rpartition("/")[0]].append(member)
     for directory, members in image_files.items():
-        for start in range(0, len(members), files_per_shard):
-            chunk = tuple(members[start : start + files_per_shard])
-            shard_id = f"{directory}/@files-{start // files_per_shard:05d}".lstrip("/")
-            shards.append(Shard(shard_id, "files", chunk))
+        for group in group_files(members, files_per_shard):
+            shard_id = f"{directory}/@files-{_name(group[0])}".lstrip("/")
+            shards.append(Shard(shard_id, "files", group))
     if not shards:
         raise FileNotFoundError(
             f"no shards under {storage.redact_uri(input_uri)}: expected .tar, .parquet or image files"
         )
     return sorted(shards, key=lambda s: s.shard_id)
+
+
+def group_files(members: list[ShardMember], files_per_shard: int) -> list[tuple[ShardMember, ...]]:
+    """Split one directory's files, in name order, into groups whose boundaries follow the names.
+
+    A file starts a group when a hash of its name falls in a 1-in-``files_per_shard`` slice, so a
+    group holds ``files_per_shard`` files on average, and a file added or removed changes only its
+    own group (or merges it with a neighbour, when the file started a group): the other groups keep
+    their members and their fingerprints, and the refresh leaves them alone. Positional groups
+    would shift every group after the change. A run of ``MAX_GROUP_FACTOR`` times the average
+    without a boundary is cut, to bound a shard's size.
+    """
+    groups: list[list[ShardMember]] = []
+    for member in members:
+        full = bool(groups) and len(groups[-1]) >= MAX_GROUP_FACTOR * files_per_shard
+        if not groups or full or _starts_group(_name(member), files_per_shard):
+            groups.append([])
+        groups[-1].append(member)
+    return [tuple(group) for group in groups]
+
+
+def _starts_group(name: str, files_per_shard: int) -> bool:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % files_per_shard == 0
+
+
+def _name(member: ShardMember) -> str:
+    return member.uri.rsplit("/", 1)[-1]
 
 
 def _version(info: dict[str, Any]) -> str:

@@ -44,6 +44,7 @@ class RunOutcome:
     """What happened to each planned shard, and the merged statistics."""
 
     committed: list[str] = field(default_factory=list)
+    partial: list[str] = field(default_factory=list)  # committed, but their input was not read to the end
     failed: dict[str, str] = field(default_factory=dict)
     stats: RunStats = field(default_factory=RunStats)
     unwritten: int = 0  # records read from shards that failed, so in no output row
@@ -172,6 +173,8 @@ class _ShardCommitter:
         self.before_commit()
         commit_shard(self.config.output, self.shards[shard_id], files, rows, counts, models, self.run_id, partial)
         self.outcome.committed.append(shard_id)
+        if partial:
+            self.outcome.partial.append(shard_id)
         self.outcome.stats.add_rows(counts, models, records)
         logger.info("committed shard %s (%d rows)", shard_id, rows)
 

@@ -24,7 +24,7 @@ from pipeline.stages.encode import EncodeStage
 from pipeline.stages.score import ClipScoreStage
 from pipeline.stages.tune import TuneStage
 from pipeline.writers.lock import OutputLock
-from pipeline.writers.manifest import collect_garbage, read_manifest
+from pipeline.writers.manifest import collect_garbage, is_done, read_manifest, retire_superseded
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +103,7 @@ class RunMode:
 def select_shards(shards: list[Shard], manifest: dict[str, dict], mode: RunMode) -> tuple[list[Shard], int]:
     """The shards to process, and how many were skipped as done: unchanged (same path, size, ETag or
     mtime) and read to the end last time (not ``partial``)."""
-
-    def done(shard: Shard) -> bool:
-        entry = manifest.get(shard.shard_id, {})
-        return entry.get("input", {}).get("fingerprint") == shard.fingerprint and not entry.get("partial")
-
-    changed = [shard for shard in shards if mode.full or not done(shard)]
+    changed = [shard for shard in shards if mode.full or not is_done(shard, manifest)]
     return (changed[: mode.limit] if mode.limit else changed), len(shards) - len(changed)
 
 
@@ -133,11 +128,13 @@ def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | 
         collect_garbage(config.output, manifest, run_id)
         todo, skipped = select_shards(shards, manifest, mode)
         logger.info("run %s: %d of %d shards to process, %d unchanged", run_id, len(todo), len(shards), skipped)
-        outcome = None
+        outcome = RunOutcome()
         if todo:
             init_ray(config.runner.address)
             outcome = run_stages(config, todo, build_stages(config), run_id, started, lock.ensure_held)
-        summary = _summary(config, run_id, started, clock, shards, todo, skipped, outcome, mode)
+        lock.ensure_held()
+        retired = retire_superseded(config.output, manifest, shards, _done_after(shards, manifest, outcome))
+        summary = _summary(config, run_id, started, clock, shards, todo, skipped, outcome, mode, retired)
         uri = storage.join(config.output, RUNS_DIR, f"{run_id}.json")
         storage.write_json(uri, summary)
     accounting = summary["accounting"]
@@ -172,7 +169,16 @@ def refuse_reused_run_id(output: str, run_id: str, manifest: dict[str, dict]) ->
         )
 
 
-def _summary(config, run_id, started, clock, shards, todo, skipped, outcome: RunOutcome | None, mode) -> dict:
+def _done_after(shards: list[Shard], manifest: dict[str, dict], outcome: RunOutcome) -> set[str]:
+    """The shards whose commit covers their current input once this run has committed."""
+    committed = set(outcome.committed)
+    whole = committed - set(outcome.partial)
+    return {s.shard_id for s in shards if s.shard_id in whole or (s.shard_id not in committed and is_done(s, manifest))}
+
+
+def _summary(
+    config, run_id, started, clock, shards, todo, skipped, outcome: RunOutcome | None, mode, retired=()
+) -> dict:
     wall = time.perf_counter() - clock
     outcome = outcome or RunOutcome()
     return {
@@ -188,6 +194,7 @@ def _summary(config, run_id, started, clock, shards, todo, skipped, outcome: Run
         "shards_planned": len(todo),
         "planned": [shard.shard_id for shard in todo] if mode.dry_run else None,
         "shards_committed": len(outcome.committed),
+        "shards_retired": list(retired),
         "shards_failed": outcome.failed,
         "accounting": outcome.accounting(),
         **outcome.stats.summary(),

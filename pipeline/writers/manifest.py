@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.core import storage
-from pipeline.readers.plan import Shard
+from pipeline.readers.plan import Shard, output_name
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,17 @@ MANIFEST_DIR = "_manifest"
 
 
 def manifest_uri(output: str, shard: Shard) -> str:
-    return storage.join(output, MANIFEST_DIR, f"{shard.output_name}.json")
+    return _entry_uri(output, shard.shard_id)
+
+
+def _entry_uri(output: str, shard_id: str) -> str:
+    return storage.join(output, MANIFEST_DIR, f"{output_name(shard_id)}.json")
+
+
+def is_done(shard: Shard, manifest: dict[str, dict[str, Any]]) -> bool:
+    """Committed with this input (same members, sizes and versions) and read to the end."""
+    entry = manifest.get(shard.shard_id, {})
+    return entry.get("input", {}).get("fingerprint") == shard.fingerprint and not entry.get("partial")
 
 
 def read_entry(output: str, shard: Shard) -> dict[str, Any] | None:
@@ -103,3 +113,34 @@ def collect_garbage(output: str, manifest: dict[str, dict[str, Any]], run_id: st
             if path.rstrip("/").rsplit("/", 1)[-1] != run_id:
                 fs.rm(path, recursive=True)
     return orphans
+
+
+def retire_superseded(
+    output: str, manifest: dict[str, dict[str, Any]], shards: list[Shard], done: set[str]
+) -> list[str]:
+    """Remove the commits of plain-file groups the plan no longer has, once their files are done.
+
+    A directory that gains or loses a file at a group boundary regroups (``plan.group_files``); the
+    old group's rows would otherwise stay beside the new groups' rows for the same files. An old
+    group goes when every one of its files still listed belongs to a group in ``done`` (committed
+    with its current input). One whose files are all gone stays, like any shard whose input was
+    deleted. Call under the output lock; returns the retired shard ids.
+    """
+    planned = {shard.shard_id for shard in shards}
+    owner = {member.uri: shard.shard_id for shard in shards for member in shard.members}
+    retired = []
+    for shard_id, entry in sorted(manifest.items()):
+        if shard_id in planned or entry.get("kind") != "files":
+            continue
+        groups = {owner[m["uri"]] for m in entry.get("input", {}).get("members", []) if m["uri"] in owner}
+        if not groups or not groups <= done:
+            continue
+        logger.info("retiring %s: its files are committed in %s", shard_id, ", ".join(sorted(groups)))
+        fs, path = storage.filesystem(_entry_uri(output, shard_id))
+        fs.rm_file(path)  # first: if the run stops here, the next run's garbage collection takes the files
+        for name in entry.get("files", []):
+            fs, path = storage.filesystem(storage.join(output, name))
+            if fs.exists(path):
+                fs.rm_file(path)
+        retired.append(shard_id)
+    return retired

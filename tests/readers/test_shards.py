@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.config import ReadConfig
-from pipeline.readers.plan import Shard, plan_shards
+from pipeline.readers.plan import Shard, ShardMember, _starts_group, group_files, plan_shards
 from pipeline.readers.shards import read_shard
 from pipeline.sample import write_webdataset
 
@@ -34,14 +34,16 @@ def test_plan_groups_tar_parquet_and_files_into_shards(tmp_path, photos):
         (tmp_path / "files" / f"{record.key}.{record.extension}").write_bytes(record.data)
     (tmp_path / "files" / f"{photos[0].key}.txt").write_text("sidecar caption")
     shards = plan_shards(str(tmp_path), files_per_shard=2)
-    assert [(s.shard_id, s.kind, len(s.members)) for s in shards] == [
-        ("files/@files-00000", "files", 2),
-        ("files/@files-00001", "files", 1),
+    groups = [s for s in shards if s.kind == "files"]
+    assert [(s.shard_id, s.kind, len(s.members)) for s in shards[len(groups) :]] == [
         ("part.parquet", "parquet", 1),
         ("tars/sample-00000.tar", "tar", 1),
         ("tars/sample-00001.tar", "tar", 1),
     ]
-    captions = {m.uri.rsplit("/", 1)[1]: m.caption_uri for s in shards[:2] for m in s.members}
+    names = [m.uri.rsplit("/", 1)[1] for s in groups for m in s.members]
+    assert names == sorted(f"{r.key}.{r.extension}" for r in photos[:3])
+    assert [s.shard_id for s in groups] == [f"files/@files-{s.members[0].uri.rsplit('/', 1)[1]}" for s in groups]
+    captions = {m.uri.rsplit("/", 1)[1]: m.caption_uri for s in groups for m in s.members}
     assert captions.pop(f"{photos[0].key}.png").endswith(f"/files/{photos[0].key}.txt")
     assert set(captions.values()) == {""}
     assert len({s.output_name for s in shards}) == len(shards)
@@ -147,7 +149,7 @@ def test_plain_files_take_captions_from_sidecars(tmp_path, photos):
     (shard,) = plan_shards(str(tmp_path))
     _, rows = _rows(shard)
     assert list(rows["caption"]) == [None, "caf\ufffd caption"]
-    assert list(rows["id"]) == [f"@files-00000#{r.key}.png" for r in (chelsea, coffee)]
+    assert list(rows["id"]) == [f"@files-{chelsea.key}.png#{r.key}.png" for r in (chelsea, coffee)]
 
 
 def test_a_caption_sidecar_added_or_edited_changes_the_fingerprint_and_any_case_is_read(tmp_path, photos):
@@ -162,3 +164,27 @@ def test_a_caption_sidecar_added_or_edited_changes_the_fingerprint_and_any_case_
     assert Shard.from_row(edited.to_row()).fingerprint == edited.fingerprint
     _, rows = _rows(edited)
     assert list(rows["caption"]) == ["a cat on a mat"] and list(rows["status"]) == ["ok"]
+
+
+def _members(names: list[str]) -> list[ShardMember]:
+    return [ShardMember(f"/in/{name}", 1, "v1") for name in names]
+
+
+def _groups(names: list[str], files_per_shard: int) -> list[tuple[str, ...]]:
+    return [tuple(m.uri.rsplit("/", 1)[1] for m in group) for group in group_files(_members(names), files_per_shard)]
+
+
+def test_plain_files_regroup_only_around_a_file_added_or_removed():
+    names = [f"img{i:05d}.jpg" for i in range(0, 2000, 2)]
+    before = _groups(names, 10)
+    assert [name for group in before for name in group] == names and 40 < len(before) < 250
+    for changed in (sorted([*names, "img00999.jpg"]), [name for name in names if name != "img01000.jpg"]):
+        after = _groups(changed, 10)
+        # Its group and the next change (split, merged, or a cut at four times the average moved);
+        # positional groups would all change after the file.
+        assert len(set(before) - set(after)) <= 2 and len(set(after) - set(before)) <= 2
+
+
+def test_a_run_of_names_without_a_boundary_is_cut_at_four_times_files_per_shard():
+    quiet = [name for name in (f"x{i}.png" for i in range(200)) if not _starts_group(name, 2)][:20]
+    assert [len(group) for group in _groups(quiet, 2)] == [8, 8, 4]

@@ -42,7 +42,8 @@ def dataset(s3, photos, tmp_path):
             s3.pipe(f"{BUCKET}/input/files/{record.key}.txt", record.caption.encode())
     ids = [f"web/{tars[i // 4].name}#{r.key}" for i, r in enumerate(photos[:8])]
     ids += [f"table/part-0.parquet#{i:09d}" for i in range(5)]
-    ids += [f"files/@files-00000#{r.key}.{r.extension}" for r in photos[13:]]
+    names = [f"{r.key}.{r.extension}" for r in photos[13:]]
+    ids += [f"files/@files-{min(names)}#{name}" for name in names]  # one group, named by its first file
     sources = {id_: record for id_, record in zip(ids, photos, strict=True)}
     return sources
 
@@ -159,11 +160,17 @@ def _compare_rows(rows, dataset, tuner, tuner_id, clip, clip_preprocess, coca, c
     return captions
 
 
-def test_rerun_replaces_rows_instead_of_duplicating_them(ray_cluster, s3, dataset, models, tmp_path):
-    first = run_batch_job(_config(tmp_path, "caption.enabled=false"))
+def test_rerun_replaces_rows_instead_of_duplicating_them_also_when_plain_files_regroup(
+    ray_cluster, s3, dataset, models, tmp_path
+):
+    # One group per plain file first, then the default: one group for all of them, which takes the
+    # first file's group id and replaces that commit; the other groups are retired.
+    first = run_batch_job(_config(tmp_path, "caption.enabled=false", "read.files_per_shard=1"))
     second = run_batch_job(
         _config(tmp_path, "caption.enabled=false", "runner.model_pools=separate", "runner.model_num_cpus=0.5")
     )
+    files = sorted(id_.split("#")[1] for id_ in dataset if id_.startswith("files/"))
+    assert second.summary["shards_retired"] == [f"files/@files-{name}" for name in files[1:]]
     ((count, distinct, runs),) = _query(
         s3, "SELECT count(*), count(DISTINCT id), list(DISTINCT run_id) FROM OUTPUT"
     ).fetchall()
