@@ -38,7 +38,9 @@ def read_images(shard: Shard, config: DataConfig, limit: int) -> list[ImageRecor
     read_config = ReadConfig(image_column=config.image_column, caption_column=None)
     for batch in read_shard(shard, read_config):
         for record_id, status, data in zip(batch["id"], batch["status"], batch["image_bytes"], strict=True):
-            if status != OK or len(images) >= limit:
+            if len(images) >= limit:
+                return images  # the rest of the shard is never read
+            if status != OK:
                 continue
             try:
                 decoded = decode_image(bytes(data), config.max_side, config.max_pixels)

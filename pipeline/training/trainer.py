@@ -56,8 +56,10 @@ def _read_task(shard_row: dict, config: DataConfig, limit: int) -> tuple[list[tu
 def read_sample(shards: list[Shard], config: DataConfig, seed: int, wave: int = 8) -> tuple[list, list]:
     """Read up to ``config.max_images`` images from shards in a seeded random order.
 
-    Returns (record id, sha256) pairs and (object ref, records to keep) pairs; pixels stay in the
-    object store for the training workers, never on the driver.
+    Each wave of ``wave`` read tasks shares what is still missing, so large shards decode about
+    ``max_images`` images in all, not ``wave`` times as many. Returns (record id, sha256) pairs and
+    (object ref, records to keep) pairs; pixels stay in the object store for the training workers,
+    never on the driver.
     """
     order = np.random.default_rng(seed).permutation(len(shards))
     identities: list[tuple[str, str]] = []
@@ -66,7 +68,9 @@ def read_sample(shards: list[Shard], config: DataConfig, seed: int, wave: int = 
         remaining = config.max_images - len(identities)
         if remaining <= 0:
             break
-        tasks = [_read_task.remote(shards[i].to_row(), config, remaining) for i in order[start : start + wave]]
+        chosen = order[start : start + wave]
+        share = -(-remaining // len(chosen))
+        tasks = [_read_task.remote(shards[i].to_row(), config, share) for i in chosen]
         for identity_ref, records_ref in tasks:
             found = ray.get(identity_ref)[: config.max_images - len(identities)]
             identities.extend(found)
