@@ -34,6 +34,9 @@ class ReadConfig:
     caption_column: str | None = "caption"
     files_per_shard: int = 1000
     batch_rows: int = 64
+    # A record larger than this is an error row, never read into memory: a compressed tar can
+    # declare a member of any size in a few bytes.
+    max_record_bytes: int = 512 * 2**20
 
 
 @dataclass

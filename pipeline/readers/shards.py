@@ -7,6 +7,7 @@ import logging
 import re
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
@@ -28,6 +29,16 @@ def read_shard(shard: Shard, config: ReadConfig) -> Iterator[Batch]:
     return batch_records(_guarded(readers[shard.kind](shard, config), shard), shard, config.batch_rows)
 
 
+@dataclass(frozen=True)
+class TooLarge:
+    """A member over ``read.max_record_bytes``, by its declared size; its bytes are never read."""
+
+    size: int
+
+    def message(self, config: ReadConfig) -> str:
+        return f"record of {self.size} bytes is over read.max_record_bytes={config.max_record_bytes}"
+
+
 def _guarded(records: Iterator[Record], shard: Shard) -> Iterator[Record]:
     """Keep the records read before a failure and account for the rest with one error row."""
     count = 0
@@ -45,7 +56,7 @@ def _tar_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
     fs, path = storage.filesystem(shard.members[0].uri)
     with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
         key: str | None = None
-        group: dict[str, bytes] = {}
+        group: dict[str, bytes | TooLarge] = {}
         for member in tar:
             if not member.isfile():
                 continue
@@ -59,6 +70,9 @@ def _tar_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
                 if key is not None:
                     yield _tar_record(shard, key, group, config)
                 key, group = member_key, {}
+            if member.size > config.max_record_bytes:
+                group[extension] = TooLarge(member.size)  # never read: tarfile skips over it
+                continue
             extracted = tar.extractfile(member)
             group[extension] = extracted.read() if extracted else b""
         if key is not None:
@@ -76,7 +90,7 @@ def _check_tar_end(tar: tarfile.TarFile, size: int) -> None:
         raise tarfile.ReadError(f"truncated: the archive stops at byte {size} without its end-of-archive block")
 
 
-def _tar_record(shard: Shard, key: str, group: dict[str, bytes], config: ReadConfig) -> Record:
+def _tar_record(shard: Shard, key: str, group: dict[str, bytes | TooLarge], config: ReadConfig) -> Record:
     uri = f"{shard.members[0].uri}#{key}"
     # The record's image is a plain ``jpg``/``png``/... member; compound fields such as ``depth.png``
     # or ``seg.png`` are its other images, used only where it has no plain one.
@@ -85,12 +99,15 @@ def _tar_record(shard: Shard, key: str, group: dict[str, bytes], config: ReadCon
     )
     if not image_extensions:
         return Record(key=key, source_uri=uri, error=f"no image member (found: {', '.join(sorted(group))})")
+    image = group[image_extensions[0]]
+    if isinstance(image, TooLarge):
+        return Record(key=key, source_uri=uri, error=image.message(config))
     caption = None
-    if "txt" in group:
+    if isinstance(group.get("txt"), bytes):
         caption = decode_caption(group["txt"])
-    elif "json" in group and config.caption_column:
+    elif isinstance(group.get("json"), bytes) and config.caption_column:
         caption = _json_caption(group["json"], config.caption_column)
-    return Record(key=key, source_uri=uri, image_bytes=group[image_extensions[0]], caption=caption)
+    return Record(key=key, source_uri=uri, image_bytes=image, caption=caption)
 
 
 def _json_caption(raw: bytes, field: str) -> str | None:
@@ -145,6 +162,9 @@ def _file_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
     fs, _ = storage.filesystem(shard.members[0].uri)
     for member in shard.members:
         key = member.uri.rsplit("/", 1)[-1]
+        if member.size > config.max_record_bytes:
+            yield Record(key=key, source_uri=member.uri, error=TooLarge(member.size).message(config))
+            continue
         try:
             with fs.open(storage.filesystem(member.uri)[1], "rb") as handle:
                 data = handle.read()

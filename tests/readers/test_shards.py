@@ -188,3 +188,26 @@ def test_plain_files_regroup_only_around_a_file_added_or_removed():
 def test_a_run_of_names_without_a_boundary_is_cut_at_four_times_files_per_shard():
     quiet = [name for name in (f"x{i}.png" for i in range(200)) if not _starts_group(name, 2)][:20]
     assert [len(group) for group in _groups(quiet, 2)] == [8, 8, 4]
+
+
+def test_a_record_over_max_record_bytes_is_an_error_row_and_is_never_read(tmp_path, photos):
+    import gzip
+
+    huge = 64 * 2**20  # declared by a gzip'd tar of a few kilobytes
+    with gzip.open(tmp_path / "bomb.tar", "wb") as compressed, tarfile.open(fileobj=compressed, mode="w") as tar:
+        _add(tar, "a.png", photos[0].data)
+        info = tarfile.TarInfo("b.png")
+        info.size = huge
+        tar.addfile(info, io.BytesIO(bytes(huge)))
+        _add(tar, "c.png", photos[1].data)
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "big.png").write_bytes(bytes(2**20))
+    config = ReadConfig(max_record_bytes=2**20 - 1)
+    shards = plan_shards(str(tmp_path))
+    (bomb,) = [s for s in shards if s.kind == "tar"]
+    (files,) = [s for s in shards if s.kind == "files"]
+    _, rows = _rows(bomb, config)
+    assert list(rows["source_key"]) == ["a", "b", "c"] and list(rows["status"]) == ["ok", "error", "ok"]
+    assert f"record of {huge} bytes is over read.max_record_bytes" in rows["error_message"][1]
+    _, rows = _rows(files, config)
+    assert list(rows["status"]) == ["error"] and "over read.max_record_bytes" in rows["error_message"][0]
