@@ -8,12 +8,15 @@ open the exact objects the plan names.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from pipeline.core import storage
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 MAX_GROUP_FACTOR = 4  # a group of plain files holds at most this many times ``files_per_shard``
@@ -96,12 +99,14 @@ def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
     shards: list[Shard] = []
     image_files: dict[str, list[ShardMember]] = defaultdict(list)
     sidecars = {path.rsplit(".", 1)[0]: path for path in listing if path.lower().endswith(".txt")}
+    hidden = 0
     for path, info in sorted(listing.items()):
         relative = path[len(root) :].lstrip("/") if path.startswith(root) else path
-        name = relative.rsplit("/", 1)[-1]
-        if name.startswith(".") or name.startswith("_"):
-            continue
+        *directories, name = relative.split("/")
         extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if _hidden(directories, name, extension):
+            hidden += 1
+            continue
         member = ShardMember(storage.protocol_uri(fs, path), int(info.get("size") or 0), _version(info))
         stem = path.rsplit(".", 1)[0]
         if extension == "tar":
@@ -118,11 +123,22 @@ def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
         for group in group_files(members, files_per_shard):
             shard_id = f"{directory}/@files-{_name(group[0])}".lstrip("/")
             shards.append(Shard(shard_id, "files", group))
+    if hidden:
+        logger.info("planning skipped %d hidden or bookkeeping files (names or folders starting with . or _)", hidden)
     if not shards:
         raise FileNotFoundError(
             f"no shards under {storage.redact_uri(input_uri)}: expected .tar, .parquet or image files"
         )
     return sorted(shards, key=lambda s: s.shard_id)
+
+
+def _hidden(directories: list[str], name: str, extension: str) -> bool:
+    """Hidden files (``.DS_Store``, ``._IMG.jpg``) and bookkeeping (``_SUCCESS``, ``_temporary/``,
+    ``_manifest/``). An image named with a leading underscore (cameras write ``_DSC0001.JPG`` for
+    Adobe RGB shots) is a record."""
+    if any(part.startswith((".", "_")) for part in directories) or name.startswith("."):
+        return True
+    return name.startswith("_") and extension not in IMAGE_EXTENSIONS
 
 
 def group_files(members: list[ShardMember], files_per_shard: int) -> list[tuple[ShardMember, ...]]:

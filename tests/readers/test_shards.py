@@ -211,3 +211,12 @@ def test_a_record_over_max_record_bytes_is_an_error_row_and_is_never_read(tmp_pa
     assert f"record of {huge} bytes is over read.max_record_bytes" in rows["error_message"][1]
     _, rows = _rows(files, config)
     assert list(rows["status"]) == ["error"] and "over read.max_record_bytes" in rows["error_message"][0]
+
+
+def test_hidden_files_and_bookkeeping_are_skipped_but_underscore_images_are_records(tmp_path, photos):
+    data = photos[0].data
+    for name in ["_DSC0001.png", "a.png", "._a.png", ".DS_Store", "_SUCCESS", "_temporary/0/b.png", ".git/c.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    (shard,) = plan_shards(str(tmp_path))
+    assert [m.uri.rsplit("/", 1)[1] for m in shard.members] == ["_DSC0001.png", "a.png"]
