@@ -258,7 +258,6 @@ def _starts(length: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
     return out
 
 
-@torch.inference_mode()
 def tile_geometry(arch: TunerArch, tile_size: int, overlap: int) -> tuple[int, int]:
     """Tile size and overlap rounded (down and up) to multiples of ``arch.multiple``, so every tile
     sits on the network's downsampling grid; raises if the tile no longer exceeds twice the overlap."""
@@ -269,6 +268,7 @@ def tile_geometry(arch: TunerArch, tile_size: int, overlap: int) -> tuple[int, i
     return tile_size, overlap
 
 
+@torch.inference_mode()
 def restore_images(
     model: RestorationNet,
     images: list[np.ndarray],

@@ -131,3 +131,12 @@ def test_stage_refuses_a_tile_that_rounds_to_less_than_twice_the_overlap(tmp_pat
     config = TuneConfig(model=str(path), tile_size=2 * radius + 8, tile_overlap=radius + 2)
     with pytest.raises(ValueError, match=r"tune.tile_size=.* does not fit this model: tile size .* twice the overlap"):
         TuneStage(config).setup()
+
+
+def test_restoring_builds_no_autograd_graph():
+    model, _ = random_tuner()
+    modes = []
+    model.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    restore_images(model, [image], 512, 32, 4, CPU)
+    assert modes == [True]
