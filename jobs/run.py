@@ -14,7 +14,7 @@ def job_arguments(prog: str, description: str | None) -> argparse.ArgumentParser
     """The arguments every pipeline job takes."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--input", help="input URI: s3://bucket/prefix/, a local path, file://...")
-    parser.add_argument("--output", help="output URI for Parquet, _manifest/ and _runs/")
+    parser.add_argument("--output", help="output URI: a Delta table (data/, _delta_log/, _imagetune/)")
     parser.add_argument("--config", help="job YAML; command-line values override it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. clip.batch_size=256")
     parser.add_argument("--run-id", help="unique per output (a used one is refused); defaults to a timestamped id")

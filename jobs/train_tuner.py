@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from pipeline.runner.execute import init_ray
+from pipeline.runner.cluster import init_ray
 from pipeline.training.config import load_train_config
 from pipeline.training.evaluate import format_markdown
 from pipeline.training.trainer import train_tuner

@@ -119,33 +119,49 @@ class EncodeConfig:
 
 @dataclass
 class WriteConfig:
-    """Parquet layout."""
+    """Parquet layout, and how long replaced files outlive the commit that replaced them.
+
+    ``vacuum_grace_seconds``: a table-aware query that planned on an older snapshot may still read a
+    replaced shard's old file; it is deleted this long after the last commit that removed files (the
+    run waits for it before ending, so a glob over ``data/`` at rest holds exactly the table).
+    """
 
     row_group_rows: int = 1024
     compression: str = "zstd"
     batch_rows: int = 256
+    vacuum_grace_seconds: float = 60.0
 
 
 @dataclass
 class RunnerConfig:
-    """Ray engine knobs.
+    """Ray engine knobs. Pools are sized from these, never from what the cluster holds at start.
 
-    ``model_pools="fused"`` runs tune, caption and score in one actor per GPU (or per ``model_num_cpus``
-    on CPU-only clusters): no object-store hop between models and no way to deadlock on GPU count.
-    ``"separate"`` gives each model stage its own pool; their GPU fractions must fit the cluster.
+    ``accelerator``: ``gpu`` model actors reserve ``model_num_gpus`` each and the run fails (before
+    reading data) if no GPU node comes within ``gpu_wait_seconds``; ``cpu`` runs the models on CPU;
+    ``auto`` is ``gpu`` on a cluster and on a local Ray with a GPU, ``cpu`` (said in the log) on a
+    local Ray without one. ``model_pools="fused"`` runs tune, caption and score in one actor per GPU:
+    no object-store hop between models and no way to deadlock on GPU count; ``"separate"`` gives each
+    model stage its own pool with fractional GPUs. Ray Data grows each pool from ``model_min_actors``
+    up to ``model_max_actors`` (``null``: no cap, as far as the autoscaler adds nodes).
     """
 
     address: str | None = None
+    accelerator: Literal["auto", "gpu", "cpu"] = "auto"
+    gpu_wait_seconds: float = 900.0
+    # A GPU actor whose torch sees no CUDA fails; false only where GPUs are fake (Ray's test clusters).
+    cuda_required: bool = True
     model_pools: Literal["fused", "separate"] = "fused"
-    model_num_gpus: float | None = None
+    model_num_gpus: float = 1.0
     model_num_cpus: float = 1.0
-    model_memory_gb: float = 4.0
+    model_memory_gb: float = 4.0  # reserved per model actor; 0 reserves none
     model_min_actors: int = 1
     model_max_actors: int | None = None
     model_batch_rows: int = 64
     tune_num_gpus: float = 0.25
     caption_num_gpus: float = 0.5
     clip_num_gpus: float = 0.25
+    finalize_num_cpus: float = 1.0
+    finalize_max_in_flight: int = 128
     progress_bars: bool | None = None
     lock_ttl_seconds: float = 600.0
     checkpoint_cache: str = CHECKPOINT_CACHE
@@ -183,8 +199,15 @@ class JobConfig:
             raise ValueError("tune.tile_size and tune.tile_overlap must be even")
         if not 1 <= self.encode.quality <= 100:
             raise ValueError(f"encode.quality={self.encode.quality} must be within 1..100")
-        if self.runner.model_memory_gb <= 0:
-            raise ValueError(f"runner.model_memory_gb={self.runner.model_memory_gb} must be positive")
+        if self.runner.model_memory_gb < 0:
+            raise ValueError(f"runner.model_memory_gb={self.runner.model_memory_gb} must be 0 (no reservation) or more")
+        if self.runner.model_max_actors is not None and self.runner.model_max_actors < self.runner.model_min_actors:
+            raise ValueError(
+                f"runner.model_max_actors={self.runner.model_max_actors} is below "
+                f"runner.model_min_actors={self.runner.model_min_actors}"
+            )
+        if self.runner.model_min_actors < 1 or self.runner.finalize_max_in_flight < 1:
+            raise ValueError("runner.model_min_actors and runner.finalize_max_in_flight must be at least 1")
         if self.caption.seq_len <= self.caption.min_seq_len:
             raise ValueError(
                 f"caption.seq_len={self.caption.seq_len} must exceed caption.min_seq_len={self.caption.min_seq_len}"

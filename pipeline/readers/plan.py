@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 MAX_GROUP_FACTOR = 4  # a group of plain files holds at most this many times ``files_per_shard``
+FILE_GROUP = "@files-"  # a plain-file group's id: ``<directory>/@files-<its first file's name>``
 ShardKind = Literal["tar", "parquet", "files"]
 
 
@@ -121,7 +122,7 @@ def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
             image_files[relative.rpartition("/")[0]].append(member)
     for directory, members in image_files.items():
         for group in group_files(members, files_per_shard):
-            shard_id = f"{directory}/@files-{_name(group[0])}".lstrip("/")
+            shard_id = f"{directory}/{FILE_GROUP}{member_name(group[0])}".lstrip("/")
             shards.append(Shard(shard_id, "files", group))
     if hidden:
         logger.info("planning skipped %d hidden or bookkeeping files (names or folders starting with . or _)", hidden)
@@ -141,6 +142,14 @@ def _hidden(directories: list[str], name: str, extension: str) -> bool:
     return name.startswith("_") and extension not in IMAGE_EXTENSIONS
 
 
+def file_group(shard_id: str) -> tuple[str, str] | None:
+    """``(directory, first file name)`` of a plain-file group's id; ``None`` for other shards."""
+    directory, marker, first = shard_id.rpartition(FILE_GROUP)
+    if not marker or "/" in first or (directory and not directory.endswith("/")):
+        return None
+    return directory.rstrip("/"), first
+
+
 def group_files(members: list[ShardMember], files_per_shard: int) -> list[tuple[ShardMember, ...]]:
     """Split one directory's files, in name order, into groups whose boundaries follow the names.
 
@@ -154,7 +163,7 @@ def group_files(members: list[ShardMember], files_per_shard: int) -> list[tuple[
     groups: list[list[ShardMember]] = []
     for member in members:
         full = bool(groups) and len(groups[-1]) >= MAX_GROUP_FACTOR * files_per_shard
-        if not groups or full or _starts_group(_name(member), files_per_shard):
+        if not groups or full or _starts_group(member_name(member), files_per_shard):
             groups.append([])
         groups[-1].append(member)
     return [tuple(group) for group in groups]
@@ -164,7 +173,8 @@ def _starts_group(name: str, files_per_shard: int) -> bool:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % files_per_shard == 0
 
 
-def _name(member: ShardMember) -> str:
+def member_name(member: ShardMember) -> str:
+    """The file name of a member (a plain file's record key)."""
     return member.uri.rsplit("/", 1)[-1]
 
 

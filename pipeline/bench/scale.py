@@ -1,0 +1,215 @@
+"""The control plane at scale: ``imagetune bench --scale N``.
+
+N tiny shards (one 8×8 image each) go through the real pipeline on a local Ray, with a model stage
+that does nothing, so what is measured is what grows with the number of shards: planning, the
+stream's bookkeeping, finalize tasks, commits to the table's log, the driver's memory and the
+storage requests. Each run happens in a fresh process (its peak RSS is the driver's alone), on
+local files and on a moto S3 server that counts every request it answers (``s3count``), and is
+followed by a refresh with nothing new, which must cost what the input listing costs plus a few
+requests, whatever the table's history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pipeline.bench.s3count import counting_moto
+from pipeline.core.batch import Batch
+from pipeline.stages.base import Stage
+
+logger = logging.getLogger(__name__)
+
+STORAGES = ("local", "s3")
+LIST_PAGE = 1000  # keys per ListObjectsV2 page
+
+
+@dataclass
+class ScaleResult:
+    """One scale run: N shards through the pipeline, then a refresh with nothing new."""
+
+    storage: str
+    shards: int
+    plan_seconds: float
+    run_seconds: float
+    commits: int
+    commit_seconds: float  # inside the table's commit calls
+    shards_per_second: float  # committed shards over the run's wall time
+    commit_capacity: float  # shards committed per second spent committing
+    driver_bytes_per_shard: float  # peak RSS growth of the driver over the run, per shard
+    requests_per_shard: float | None  # S3 requests answered during the run, per shard (s3 only)
+    noop_seconds: float
+    noop_requests: int | None
+    listing_pages: int
+
+
+@dataclass
+class NullStage(Stage):
+    """A model stage that changes nothing: the images go on to be encoded as they were decoded."""
+
+    name: ClassVar[str] = "model"
+
+    def process(self, batch: Batch) -> Batch:
+        return batch
+
+
+def tiny_shard(index: int) -> bytes:
+    """A tar with one 8×8 PNG and its caption."""
+    from PIL import Image
+
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), (index % 256, 0, 0)).save(image, "PNG")
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in ((f"{index:08d}.png", image.getvalue()), (f"{index:08d}.txt", b"a red square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def run_scale(shards: int, storage: str, workdir: Path) -> ScaleResult:
+    """Synthesize ``shards`` shards on ``storage``, run them through the pipeline and refresh once."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if storage == "local":
+        source, output = workdir / f"input-{shards}", workdir / f"output-{shards}-{uuid.uuid4().hex[:6]}"
+        source.mkdir(exist_ok=True)
+        for index in range(shards):
+            path = source / f"{index:08d}.tar"
+            if not path.exists():
+                path.write_bytes(tiny_shard(index))
+        return _child(shards, storage, str(source), str(output), None)
+    bucket = f"imagetune-scale-{uuid.uuid4().hex[:8]}"
+    with counting_moto(bucket) as server:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=server.endpoint)
+        for index in range(shards):
+            client.put_object(Bucket=bucket, Key=f"input/{index:08d}.tar", Body=tiny_shard(index))
+        return _child(shards, storage, f"s3://{bucket}/input/", f"s3://{bucket}/output/", server)
+
+
+def _child(shards: int, storage: str, source: str, output: str, server) -> ScaleResult:
+    """Both runs in a fresh process; requests counted around each."""
+    command = [sys.executable, "-m", __name__, "--child", source, output]
+    if server:
+        server.reset()
+    run = json.loads(subprocess.run([*command, "run"], check=True, capture_output=True, text=True).stdout)
+    run_requests = server.total() if server else None
+    if server:
+        server.reset()
+    noop = json.loads(subprocess.run([*command, "refresh"], check=True, capture_output=True, text=True).stdout)
+    noop_requests = server.total() if server else None
+    summary = run["summary"]
+    commit_seconds = summary["commits"]["seconds"]
+    committed = summary["shards_committed"]
+    return ScaleResult(
+        storage=storage,
+        shards=shards,
+        plan_seconds=summary["plan_seconds"],
+        run_seconds=summary["wall_seconds"],
+        commits=summary["commits"]["count"],
+        commit_seconds=commit_seconds,
+        shards_per_second=round(committed / summary["wall_seconds"], 1),
+        commit_capacity=round(committed / commit_seconds, 1) if commit_seconds else float("inf"),
+        driver_bytes_per_shard=round(run["peak_growth_bytes"] / shards, 1),
+        requests_per_shard=round(run_requests / shards, 2) if run_requests is not None else None,
+        noop_seconds=noop["summary"]["wall_seconds"],
+        noop_requests=noop_requests,
+        listing_pages=-(-shards // LIST_PAGE),
+    )
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def child_main(source: str, output: str, command: str) -> dict[str, Any]:
+    """In the fresh process: import, start Ray, then run with the driver's peak RSS measured."""
+    import ray
+
+    from pipeline.core.config import load_config
+    from pipeline.runner.job import RunMode, build_stages, run_batch_job
+    from pipeline.stages.decode import DecodeStage
+
+    sets = [
+        "tune.model=random",
+        "caption.enabled=false",
+        "clip.pretrained=random",
+        "decode.max_side=16",
+        "encode.format=png",
+        "runner.accelerator=cpu",
+        "runner.model_memory_gb=0",
+        "write.vacuum_grace_seconds=0",
+        "runner.progress_bars=false",
+    ]
+    config = load_config(None, sets, input=source, output=output)
+    stages = build_stages(config)
+    stages.models = [NullStage()]
+    stages.decode = DecodeStage(max_side=16)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
+    baseline = _rss("VmRSS")
+    started = time.perf_counter()
+    report = run_batch_job(config, mode=RunMode(full=command == "run"), stages=stages)
+    return {
+        "summary": report.summary,
+        "peak_growth_bytes": _rss("VmHWM") - baseline,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def to_markdown(results: list[ScaleResult]) -> str:
+    """One table row per run."""
+    lines = [
+        "| storage | shards | plan s | run s | shards/s | commits | commit capacity (shards/s) "
+        "| driver peak per shard | S3 requests per shard | no-op refresh s | no-op requests (listing pages) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        requests = "" if r.requests_per_shard is None else f"{r.requests_per_shard:.1f}"
+        noop = "" if r.noop_requests is None else f"{r.noop_requests} ({r.listing_pages})"
+        lines.append(
+            f"| {r.storage} | {r.shards:,} | {r.plan_seconds:.1f} | {r.run_seconds:.1f} | {r.shards_per_second:.1f} "
+            f"| {r.commits} | {r.commit_capacity:.0f} | {r.driver_bytes_per_shard / 1024:.2f} KiB | {requests} "
+            f"| {r.noop_seconds:.1f} | {noop} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.scale", description=__doc__)
+    parser.add_argument("--child", nargs=3, metavar=("INPUT", "OUTPUT", "COMMAND"), help=argparse.SUPPRESS)
+    parser.add_argument("--shards", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--storage", choices=STORAGES, nargs="+", default=list(STORAGES))
+    parser.add_argument("--out", type=Path, default=Path("bench-out") / "scale")
+    args = parser.parse_args(argv)
+    if args.child:
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(child_main(*args.child), default=str))
+        return 0
+    results = [run_scale(n, storage, args.out) for n in args.shards for storage in args.storage]
+    table = to_markdown(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    (args.out / "scale.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
