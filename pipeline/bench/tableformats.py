@@ -15,7 +15,9 @@ History is synthesized in commits of 1,000 added files. The data files are not w
 commit names placeholder paths with sizes and Parquet-footer statistics, which is all the log
 holds and all these operations read. Per-shard facts ride in the log as partition values
 (``shard_fingerprint``, ``shard_partial``), the one per-file key-value map that both libraries'
-Python APIs write and read back. Needs the ``tableformats`` extra (``deltalake``, ``pyiceberg``).
+Python APIs write and read back (a file-name convention puts the same bytes in each file's path),
+plus the row count and the shard id as min/max statistics. Needs the ``tableformats`` extra
+(``deltalake``, ``pyiceberg``).
 """
 
 from __future__ import annotations
