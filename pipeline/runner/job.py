@@ -12,11 +12,12 @@ from typing import Any
 import open_clip
 
 from pipeline.core import storage
-from pipeline.core.config import RANDOM, JobConfig
+from pipeline.core.config import RANDOM, JobConfig, ReadConfig
 from pipeline.models.checkpoints import locate_checkpoint
 from pipeline.models.openclip import is_checkpoint_path, register_model_config
 from pipeline.models.tuner import DEFAULT
-from pipeline.readers.plan import Shard, plan_shards
+from pipeline.readers.columns import image_shards
+from pipeline.readers.plan import InputPlan, Shard, plan_input
 from pipeline.runner.execute import PipelineStages, RunOutcome, init_ray, run_stages
 from pipeline.stages.caption import CaptionStage
 from pipeline.stages.decode import DecodeStage
@@ -100,11 +101,15 @@ class RunMode:
     dry_run: bool = False
 
 
-def select_shards(shards: list[Shard], manifest: dict[str, dict], mode: RunMode) -> tuple[list[Shard], int]:
+def select_shards(
+    plan: InputPlan, manifest: dict[str, dict], mode: RunMode, read: ReadConfig
+) -> tuple[list[Shard], int]:
     """The shards to process, and how many were skipped as done: unchanged (same path, size, ETag or
-    mtime) and read to the end last time (not ``partial``)."""
-    changed = [shard for shard in shards if mode.full or not is_done(shard, manifest)]
-    return (changed[: mode.limit] if mode.limit else changed), len(shards) - len(changed)
+    mtime) and read to the end last time (not ``partial``). Parquet files among them without the
+    image column are left out here, from their footers (``image_shards``)."""
+    changed = [shard for shard in plan.shards if mode.full or not is_done(shard, manifest)]
+    unchanged = len(plan.shards) - len(changed)
+    return image_shards(changed, read, mode.limit, unchanged > 0, plan.skipped), unchanged
 
 
 def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | None = None) -> RunReport:
@@ -118,15 +123,16 @@ def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | 
     clock = time.perf_counter()
     run_id = run_id or new_run_id(started)
     preflight(config)
-    shards = plan_shards(config.input, config.read.files_per_shard)
+    plan = plan_input(config.input, config.read.files_per_shard, config.read.include, config.read.exclude)
+    shards = plan.shards
     if mode.dry_run:
-        todo, skipped = select_shards(shards, read_manifest(config.output), mode)
-        return RunReport(_summary(config, run_id, started, clock, shards, todo, skipped, None, mode), None)
+        todo, skipped = select_shards(plan, read_manifest(config.output), mode, config.read)
+        return RunReport(_summary(config, run_id, started, clock, plan, todo, skipped, None, mode), None)
     with OutputLock(config.output, run_id, config.runner.lock_ttl_seconds) as lock:
         manifest = read_manifest(config.output)
         refuse_reused_run_id(config.output, run_id, manifest)
         collect_garbage(config.output, manifest, run_id)
-        todo, skipped = select_shards(shards, manifest, mode)
+        todo, skipped = select_shards(plan, manifest, mode, config.read)
         logger.info("run %s: %d of %d shards to process, %d unchanged", run_id, len(todo), len(shards), skipped)
         outcome = RunOutcome()
         if todo:
@@ -134,7 +140,7 @@ def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | 
             outcome = run_stages(config, todo, build_stages(config), run_id, started, lock.ensure_held)
         lock.ensure_held()
         retired = retire_superseded(config.output, manifest, shards, _done_after(shards, manifest, outcome))
-        summary = _summary(config, run_id, started, clock, shards, todo, skipped, outcome, mode, retired)
+        summary = _summary(config, run_id, started, clock, plan, todo, skipped, outcome, mode, retired)
         uri = storage.join(config.output, RUNS_DIR, f"{run_id}.json")
         storage.write_json(uri, summary)
     accounting = summary["accounting"]
@@ -177,7 +183,7 @@ def _done_after(shards: list[Shard], manifest: dict[str, dict], outcome: RunOutc
 
 
 def _summary(
-    config, run_id, started, clock, shards, todo, skipped, outcome: RunOutcome | None, mode, retired=()
+    config, run_id, started, clock, plan: InputPlan, todo, skipped, outcome: RunOutcome | None, mode, retired=()
 ) -> dict:
     wall = time.perf_counter() - clock
     outcome = outcome or RunOutcome()
@@ -189,7 +195,8 @@ def _summary(
         "input": storage.redact_uri(config.input),
         "output": storage.redact_uri(config.output),
         "mode": {"full": mode.full, "limit": mode.limit, "dry_run": mode.dry_run},
-        "shards_listed": len(shards),
+        "shards_listed": len(plan.shards),
+        "inputs_skipped": plan.skipped,
         "shards_unchanged": skipped,
         "shards_planned": len(todo),
         "planned": [shard.shard_id for shard in todo] if mode.dry_run else None,

@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.core.batch import object_column
-from pipeline.core.config import load_config
-from pipeline.readers.plan import Shard, ShardMember
+from pipeline.core.config import ReadConfig, load_config
+from pipeline.readers import tars
+from pipeline.readers.plan import Shard, ShardMember, plan_shards
+from pipeline.readers.shards import read_shard
+from pipeline.readers.tars import RecordFields
 from pipeline.runner.execute import _ShardCommitter
 from pipeline.writers.parquet import StagedPartWriter
+from tests.producers import write_dotted_tar
 from tests.runner.test_refresh import FAST
 from tests.writers.test_parquet import NOW, _batch
 
@@ -59,3 +63,21 @@ def test_a_part_staged_again_after_its_shard_completed_is_not_finalized_twice(ra
     outcome = committer.finish()
     assert outcome.committed == ["a.tar"] and outcome.failed == {}
     assert outcome.accounting() == {"records_in": 2, "rows_out": 2, "balanced": True}
+
+
+def test_a_tar_the_reader_groups_wrongly_is_not_committed_and_the_run_is_not_balanced(
+    ray_cluster, tmp_path, photos, monkeypatch
+):
+    (tmp_path / "input").mkdir()
+    write_dotted_tar(tmp_path / "input" / "a.tar", photos[:3])
+    (shard,) = plan_shards(str(tmp_path / "input"))
+    # The grouping the issue found: a sample keeps one of its images (as webdataset's dict does).
+    monkeypatch.setattr(tars, "split_sample", lambda key, fields: [RecordFields(key, sorted(fields)[0])])
+    (read,) = read_shard(shard, ReadConfig())
+    batch = _batch(["a.tar"] * len(read["id"]), ["ok"] * len(read["id"]))
+    batch["_ordinal"], batch["_shard_total"] = read["_ordinal"], read["_shard_total"]
+    committer = _committer(tmp_path)
+    committer.add_part(_staged(tmp_path, batch))
+    outcome = committer.finish()
+    assert outcome.failed == {"a.tar": "incomplete: 1 of 3 records reached the writer"}
+    assert outcome.accounting() == {"records_in": 3, "rows_out": 0, "balanced": False}
