@@ -76,23 +76,27 @@ def split_sample(key: str, fields: Iterable[str]) -> list[RecordFields]:
     field's prefix, with the caption fields of the same prefix. A prefix with captions and no image,
     or a sample without any image, is one record without an image (an error row)."""
     fields = list(fields)
+    if not any(_image_field(name) for name in fields):
+        return [RecordFields(key, None, found=tuple(sorted(fields)))]
     prefixes: dict[str, list[str]] = {}
     for name in fields:
-        prefix, _, extension = name.rpartition(".")
-        if extension in IMAGE_EXTENSIONS or extension in CAPTION_EXTENSIONS:
+        prefix, _, suffix = name.rpartition(".")
+        if suffix in IMAGE_EXTENSIONS or suffix in CAPTION_EXTENSIONS:
             prefixes.setdefault(prefix, []).append(name)
-    if not any(name.rpartition(".")[2] in IMAGE_EXTENSIONS for name in fields):
-        return [RecordFields(key, None, found=tuple(sorted(fields)))]
     records = []
     for prefix, names in prefixes.items():
         sub_key = f"{key}.{prefix}" if prefix else key
-        text, meta = (f"{prefix}.{ext}" if prefix else ext for ext in CAPTION_EXTENSIONS)
+        text, meta = (f"{prefix}.{suffix}" if prefix else suffix for suffix in CAPTION_EXTENSIONS)
         captions = {"text": text if text in names else None, "json": meta if meta in names else None}
-        images = [name for name in names if name.rpartition(".")[2] in IMAGE_EXTENSIONS]
+        images = [name for name in names if _image_field(name)]
         records += [RecordFields(sub_key, image, **captions) for image in images]
         if not images:
             records.append(RecordFields(sub_key, None, found=tuple(sorted(names))))
     return records
+
+
+def _image_field(field: str) -> bool:
+    return field.rpartition(".")[2] in IMAGE_EXTENSIONS
 
 
 def tar_records(shard: Shard, config: ReadConfig, count: InputCount) -> Iterator[Record]:
