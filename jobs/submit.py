@@ -107,7 +107,6 @@ async def _follow(client, job_id: str) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import configure_logging
+    from pipeline.cli import entrypoint
 
-    configure_logging()
-    sys.exit(main())
+    entrypoint("submit", main)

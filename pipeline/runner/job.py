@@ -12,11 +12,12 @@ from typing import Any
 import open_clip
 
 from pipeline.core import storage
-from pipeline.core.config import RANDOM, JobConfig
+from pipeline.core.config import RANDOM, JobConfig, ReadConfig
 from pipeline.models.checkpoints import locate_checkpoint
 from pipeline.models.openclip import is_checkpoint_path, register_model_config
 from pipeline.models.tuner import DEFAULT
-from pipeline.readers.plan import Shard, plan_shards
+from pipeline.readers.columns import image_shards
+from pipeline.readers.plan import InputPlan, Shard, plan_input
 from pipeline.runner.cluster import init_ray, refuse_local_paths
 from pipeline.runner.execute import PipelineStages, run_stages
 from pipeline.stages.caption import CaptionStage
@@ -100,11 +101,16 @@ class RunMode:
     dry_run: bool = False
 
 
-def select_shards(shards: list[Shard], output: OutputSnapshot | None, mode: RunMode) -> tuple[list[Shard], int]:
+def select_shards(
+    plan: InputPlan, output: OutputSnapshot | None, mode: RunMode, read: ReadConfig
+) -> tuple[list[Shard], int]:
     """The shards to process, and how many were skipped as done: unchanged (same path, size, ETag or
-    mtime) and read to the end last time (not ``partial``). ``output`` is ``None`` before the first run."""
-    changed = [shard for shard in shards if mode.full or output is None or not output.is_done(shard)]
-    return (changed[: mode.limit] if mode.limit else changed), len(shards) - len(changed)
+    mtime) and read to the end last time (not ``partial``); ``output`` is ``None`` before the first
+    run. Parquet files among them without the image column are left out here, from their footers
+    (``image_shards``)."""
+    changed = [shard for shard in plan.shards if mode.full or output is None or not output.is_done(shard)]
+    unchanged = len(plan.shards) - len(changed)
+    return image_shards(changed, read, mode.limit, unchanged > 0, plan.skipped), unchanged
 
 
 def run_batch_job(
@@ -123,23 +129,24 @@ def run_batch_job(
     check_run_id(run_id)
     preflight(config)
     planning = time.perf_counter()
-    shards = plan_shards(config.input, config.read.files_per_shard)
+    plan = plan_input(config.input, config.read.files_per_shard, config.read.include, config.read.exclude)
     plan_seconds = time.perf_counter() - planning
+    shards = plan.shards
     if mode.dry_run:
-        todo, skipped = select_shards(shards, _snapshot(config.output), mode)
-        return RunReport(_summary(config, run_id, started, clock, shards, todo, skipped, None, mode), None)
+        todo, skipped = select_shards(plan, _snapshot(config.output), mode, config.read)
+        return RunReport(_summary(config, run_id, started, clock, plan, todo, skipped, None, mode), None)
     refuse_local_paths({"input": config.input, "output": config.output}, config.runner.address)
     runner, day = config.runner, f"{started:%Y-%m-%d}"
     grace = config.write.vacuum_grace_seconds
     with OutputTable.open(config.output, run_id, day, runner.lock_ttl_seconds, grace) as table:
-        todo, skipped = select_shards(shards, table, mode)
+        todo, skipped = select_shards(plan, table, mode, config.read)
         logger.info("run %s: %d of %d shards to process, %d unchanged", run_id, len(todo), len(shards), skipped)
         outcome = ShardLedger([])
         if todo:
             cluster = init_ray(runner.address)
             outcome = run_stages(config, todo, stages or build_stages(config), table, started, cluster)
         retired = table.retire_superseded(shards)
-        summary = _summary(config, run_id, started, clock, shards, todo, skipped, outcome, mode, retired)
+        summary = _summary(config, run_id, started, clock, plan, todo, skipped, outcome, mode, retired)
         summary.update(plan_seconds=round(plan_seconds, 3), commits=table.commit_stats())
         uri = table.write_summary(summary)
     accounting = summary["accounting"]
@@ -165,7 +172,7 @@ def _snapshot(output: str) -> OutputSnapshot | None:
 
 
 def _summary(
-    config, run_id, started, clock, shards, todo, skipped, outcome: ShardLedger | None, mode, retired=()
+    config, run_id, started, clock, plan: InputPlan, todo, skipped, outcome: ShardLedger | None, mode, retired=()
 ) -> dict:
     wall = time.perf_counter() - clock
     outcome = outcome or ShardLedger([])
@@ -177,7 +184,8 @@ def _summary(
         "input": storage.redact_uri(config.input),
         "output": storage.redact_uri(config.output),
         "mode": {"full": mode.full, "limit": mode.limit, "dry_run": mode.dry_run},
-        "shards_listed": len(shards),
+        "shards_listed": len(plan.shards),
+        "inputs_skipped": plan.skipped,
         "shards_unchanged": skipped,
         "shards_planned": len(todo),
         "planned": [shard.shard_id for shard in todo] if mode.dry_run else None,

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.core.batch import object_column
+from pipeline.core.config import ReadConfig
+from pipeline.readers import tars
+from pipeline.readers.plan import plan_shards
+from pipeline.readers.shards import read_shard
+from pipeline.readers.tars import RecordFields
 from pipeline.writers.ledger import ShardLedger, ShardRows, StagedPart
 from pipeline.writers.parquet import StagedPartWriter, finalize_shard
+from tests.producers import write_dotted_tar
 from tests.writers.test_parquet import NOW, _batch
 
 
@@ -102,3 +108,19 @@ def test_a_partial_shard_is_known_before_its_finalize_and_listed_as_partial():
     assert request.partial, "its file is named partial, so a refresh retries it"
     ledger.committed_shard(request, ShardRows({"ok": 1, "error:read": 1}, {}, unread=1))
     assert ledger.partial == ["a.tar"]
+
+
+def test_a_tar_the_reader_groups_wrongly_is_never_committed_and_the_run_is_not_balanced(tmp_path, photos, monkeypatch):
+    (tmp_path / "input").mkdir()
+    write_dotted_tar(tmp_path / "input" / "a.tar", photos[:3])
+    (shard,) = plan_shards(str(tmp_path / "input"))
+    # The grouping the issue found: a sample keeps one of its images (as webdataset's dict does).
+    monkeypatch.setattr(tars, "split_sample", lambda key, fields: [RecordFields(key, sorted(fields)[0])])
+    (read,) = read_shard(shard, ReadConfig())
+    batch = _batch(["a.tar"] * len(read["id"]), ["ok"] * len(read["id"]))
+    batch["_ordinal"], batch["_shard_total"] = read["_ordinal"], read["_shard_total"]
+    ledger = ShardLedger(["a.tar"])
+    assert [ledger.add_part(part) for part in _parts(tmp_path, batch)] == [None]
+    assert ledger.end_of_stream() == []
+    assert ledger.failed == {"a.tar": "incomplete: 1 of 3 records reached the writer"}
+    assert ledger.accounting() == {"records_in": 3, "rows_out": 0, "balanced": False}
