@@ -17,8 +17,18 @@ from pipeline.runner.job import RunMode, select_shards
 from tests.producers import write_hf_parquet, write_img2dataset
 
 
-def _select(plan, read: ReadConfig, manifest=None, mode=None):
-    return select_shards(plan, manifest or {}, mode or RunMode(), read)
+class Committed:
+    """The part of an output's snapshot ``select_shards`` asks: which shards are done."""
+
+    def __init__(self, shards) -> None:
+        self.done = {shard.shard_id for shard in shards}
+
+    def is_done(self, shard) -> bool:
+        return shard.shard_id in self.done
+
+
+def _select(plan, read: ReadConfig, committed=None, mode=None):
+    return select_shards(plan, committed, mode or RunMode(), read)
 
 
 def test_img2dataset_metadata_parquet_is_not_a_shard_and_stats_are_counted(tmp_path, photos, caplog):
@@ -44,7 +54,7 @@ def test_a_mistyped_image_column_fails_the_job_naming_the_column_and_the_setting
     ):
         _select(plan, ReadConfig(image_column="jpg"))
     # Beside shards committed earlier, the files are skipped instead: the input has image shards.
-    done = {s.shard_id: {"input": {"fingerprint": s.fingerprint}} for s in plan.shards[:1]}
+    done = Committed(plan.shards[:1])
     todo, unchanged = _select(plan, ReadConfig(image_column="jpg"), done, RunMode(full=False))
     assert (todo, unchanged) == ([], 1)
 
@@ -58,9 +68,9 @@ def test_footers_are_read_only_for_the_shards_a_run_processes_and_a_limit_is_fil
     read: list[str] = []
     original = columns._columns
     monkeypatch.setattr(columns, "_columns", lambda shard: read.append(shard.shard_id) or original(shard))
-    done = {s.shard_id: {"input": {"fingerprint": s.fingerprint}} for s in plan.shards}
+    done = Committed(plan.shards)
     assert _select(plan, ReadConfig(), done, RunMode(full=False)) == ([], 5) and read == []
-    todo, _ = _select(plan, ReadConfig(), {}, RunMode(full=False, limit=2))
+    todo, _ = _select(plan, ReadConfig(), None, RunMode(full=False, limit=2))
     assert [s.shard_id for s in todo] == ["b.parquet", "d.parquet"]
 
 
