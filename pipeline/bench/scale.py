@@ -27,7 +27,10 @@ from typing import Any, ClassVar
 
 from pipeline.bench.s3count import counting_moto
 from pipeline.core.batch import Batch
+from pipeline.readers.plan import Shard, ShardMember
 from pipeline.stages.base import Stage
+from pipeline.writers.ledger import ShardRows
+from pipeline.writers.table import OutputTable, ShardCommit
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,22 @@ class ScaleResult:
     noop_seconds: float
     noop_requests: int | None
     listing_pages: int
+
+
+@dataclass
+@dataclass
+class CommitRate:
+    """The commit path alone: N shards' files committed to a fresh table in batches of ``batch``."""
+
+    storage: str
+    shards: int
+    batch: int
+    seconds: float
+    requests_per_commit: float | None
+
+    @property
+    def shards_per_second(self) -> float:
+        return self.shards / self.seconds
 
 
 @dataclass
@@ -100,16 +119,46 @@ def run_scale(shards: int, storage: str, workdir: Path) -> ScaleResult:
         return _child(shards, storage, f"s3://{bucket}/input/", f"s3://{bucket}/output/", server)
 
 
+def commit_rate(shards: int, batch: int, storage: str, workdir: Path) -> CommitRate:
+    """Seconds to commit ``shards`` finalized shards in batches of ``batch``, as the committer does when
+    files are written faster than it commits. The files are named, not written: a commit reads none."""
+    if storage == "local":
+        return _commit_rate(shards, batch, storage, str(workdir / f"commits-{uuid.uuid4().hex[:6]}"), None)
+    bucket = f"imagetune-commits-{uuid.uuid4().hex[:8]}"
+    with counting_moto(bucket) as server:
+        return _commit_rate(shards, batch, storage, f"s3://{bucket}/output", server)
+
+
+def _commit_rate(shards: int, batch: int, storage: str, output: str, server) -> CommitRate:
+    planned = [Shard(f"{i:08d}.tar", "tar", (ShardMember(f"s3://in/{i:08d}.tar", 512, "v"),)) for i in range(shards)]
+    with OutputTable.open(output, "commits", "2026-12-01", vacuum_grace=0) as table:
+        if server:
+            server.reset()
+        started = time.perf_counter()
+        for start in range(0, shards, batch):
+            table.commit([_finalized(table, shard) for shard in planned[start : start + batch]])
+        seconds = time.perf_counter() - started
+        requests = server.total() if server else None
+    commits = -(-shards // batch)
+    return CommitRate(storage, shards, batch, seconds, round(requests / commits, 1) if requests else None)
+
+
+def _finalized(table: OutputTable, shard: Shard) -> ShardCommit:
+    """What the committer hands the table for a shard of one ok row."""
+    bounds = {"source_shard": shard.shard_id, "source_key": "0"}
+    stats = {"numRecords": 1, "minValues": bounds, "maxValues": bounds, "nullCount": dict.fromkeys(bounds, 0)}
+    return ShardCommit(shard, table.data_path(shard, False), 4096, json.dumps(stats), ShardRows({"ok": 1}, {}))
+
+
 def _child(shards: int, storage: str, source: str, output: str, server) -> ScaleResult:
     """Both runs in a fresh process; requests counted around each."""
-    command = [sys.executable, "-m", __name__, "--child", source, output]
     if server:
         server.reset()
-    run = json.loads(subprocess.run([*command, "run"], check=True, capture_output=True, text=True).stdout)
+    run = _run_child(source, output, "run")
     run_requests = server.total() if server else None
     if server:
         server.reset()
-    noop = json.loads(subprocess.run([*command, "refresh"], check=True, capture_output=True, text=True).stdout)
+    noop = _run_child(source, output, "refresh")
     noop_requests = server.total() if server else None
     summary = run["summary"]
     commit_seconds = summary["commits"]["seconds"]
@@ -129,6 +178,14 @@ def _child(shards: int, storage: str, source: str, output: str, server) -> Scale
         noop_requests=noop_requests,
         listing_pages=-(-shards // LIST_PAGE),
     )
+
+
+def _run_child(source: str, output: str, command: str) -> dict[str, Any]:
+    child = [sys.executable, "-m", "pipeline.bench.scale", "--child", source, output, command]
+    result = subprocess.run(child, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"the {command} of the scale benchmark failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout)
 
 
 def _rss(field: str) -> int:
@@ -191,21 +248,42 @@ def to_markdown(results: list[ScaleResult]) -> str:
     return "\n".join(lines)
 
 
+def commits_markdown(rates: list[CommitRate]) -> str:
+    lines = [
+        "| storage | shards | shards per commit | seconds | shard commits/s | requests per commit |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rates:
+        requests = "" if r.requests_per_commit is None else f"{r.requests_per_commit:.1f}"
+        lines.append(
+            f"| {r.storage} | {r.shards:,} | {r.batch} | {r.seconds:.1f} | {r.shards_per_second:.0f} | {requests} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench.scale", description=__doc__)
     parser.add_argument("--child", nargs=3, metavar=("INPUT", "OUTPUT", "COMMAND"), help=argparse.SUPPRESS)
-    parser.add_argument("--shards", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--shards", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--storage", choices=STORAGES, nargs="+", default=list(STORAGES))
+    parser.add_argument("--commit-batches", type=int, nargs="+", default=[1, 100, 1000], metavar="K")
+    parser.add_argument("--commit-shards", type=int, default=10000, help="shards committed per commit-path run")
     parser.add_argument("--out", type=Path, default=Path("bench-out") / "scale")
     args = parser.parse_args(argv)
     if args.child:
         logging.basicConfig(level=logging.WARNING)
         print(json.dumps(child_main(*args.child), default=str))
         return 0
+    rates = [
+        commit_rate(min(args.commit_shards, 100 * k), k, storage, args.out)
+        for k in args.commit_batches
+        for storage in args.storage
+    ]
     results = [run_scale(n, storage, args.out) for n in args.shards for storage in args.storage]
-    table = to_markdown(results)
+    table = to_markdown(results) + "\n\n" + commits_markdown(rates)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    figures = {"runs": [asdict(r) for r in results], "commits": [asdict(r) for r in rates]}
+    (args.out / "scale.json").write_text(json.dumps(figures, indent=2))
     (args.out / "scale.md").write_text(table + "\n")
     print(table)
     return 0

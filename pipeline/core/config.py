@@ -132,6 +132,7 @@ class WriteConfig:
     row_group_rows: int = 1024
     compression: str = "zstd"
     batch_rows: int = 256
+    commit_interval_seconds: float = 2.0  # shards whose files are written are committed together at most this often
     vacuum_grace_seconds: float = 60.0  # replaced files are deleted this long after the commit that replaced them
 
 

@@ -54,6 +54,11 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     options: dict[str, Any] = {"use_listings_cache": False} if protocol in OBJECT_STORES else {}
     if protocol in ("s3", "s3a") and not RETRY_ENV_VARS & os.environ.keys():
         options["config_kwargs"] = {"retries": dict(S3_RETRIES)}  # botocore consumes the keys of its copy
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if protocol in ("s3", "s3a") and endpoint:
+        # Explicit, so that fsspec's cache of filesystems keys on it: a cached client would keep
+        # talking to the endpoint it was made for after the environment names another one.
+        options["endpoint_url"] = endpoint
     fs, path = url_to_fs(uri, **options)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 
 import ray
@@ -75,29 +76,42 @@ class Committer:
             raise self._error
 
     def _run(self) -> None:
+        """Dispatch finalizes as requests come, collect the finished ones, commit them in batches.
+
+        A batch is committed once ``write.commit_interval_seconds`` have passed since the last commit
+        (or at the end of the stream): a shard waits at most that long after its file is written, and
+        the log gets at most one version per interval however fast shards finish.
+        """
+        interval = self._config.write.commit_interval_seconds
         waiting: deque[FinalizeRequest] = deque()
         pending: dict[ray.ObjectRef, FinalizeRequest] = {}
-        ended = False
+        ready: list[tuple[FinalizeRequest, object]] = []
+        ended, last_commit = False, 0.0
         try:
-            while not (ended and not waiting and not pending):
-                ended = self._take(waiting, block=not pending and not waiting) or ended
+            while not (ended and not waiting and not pending and not ready):
+                due = last_commit + interval - time.monotonic()
+                idle = not pending and not waiting
+                ended = self._take(waiting, timeout=(max(due, 0.05) if ready else 0.5) if idle else 0) or ended
                 while waiting and len(pending) < self._config.runner.finalize_max_in_flight:
                     request = waiting.popleft()
                     pending[self._start(request)] = request
-                finished = self._finished(pending)
-                if finished:
-                    self._commit_batch(finished)
+                ready += self._finished(pending)
+                drained = ended and not waiting and not pending
+                if ready and (drained or time.monotonic() >= last_commit + interval):
+                    self._commit_batch(ready)
+                    ready, last_commit = [], time.monotonic()
         except BaseException as error:  # surfaced to the stream loop and by close()
             logger.error("committer stopped: %s", error)
             self._error = error
             with self._lock:
-                for request in [*waiting, *pending.values()]:
+                for request in [*waiting, *pending.values(), *(request for request, _ in ready)]:
                     self.ledger.fail(request, "commit", error)
 
-    def _take(self, waiting: deque[FinalizeRequest], block: bool) -> bool:
-        """Move queued requests to ``waiting``; ``True`` once the end marker came."""
+    def _take(self, waiting: deque[FinalizeRequest], timeout: float) -> bool:
+        """Move queued requests to ``waiting`` (waiting up to ``timeout`` for the first); ``True`` once
+        the end marker came."""
         try:
-            item = self._requests.get(timeout=0.5) if block else self._requests.get_nowait()
+            item = self._requests.get(timeout=timeout) if timeout else self._requests.get_nowait()
             while True:
                 if item is _END:
                     return True

@@ -48,9 +48,11 @@ logger = logging.getLogger(__name__)
 TABLE_SCHEMA = pa.schema([*OUTPUT_SCHEMA, pa.field(PARTITION, pa.string(), nullable=False)])
 WRITER = "imagetune.writer"  # the log's txn app id: its version is the epoch of the run that last committed
 RUN_APP_PREFIX = "imagetune.run."  # + run id: its version counts that run's commits
+# A run writes a checkpoint when it ends and every this many seconds while it commits, not every N
+# commits: at 10^6 files a checkpoint takes tens of seconds, and opening the table reads the last one
+# plus the commits after it (one GET each), which a run that ended well leaves at a handful.
+CHECKPOINT_SECONDS = 600.0
 TABLE_CONFIGURATION = {
-    # A checkpoint every 10 commits: opening the table reads it plus at most 10 commits, at any size.
-    "delta.checkpointInterval": "10",
     # Each run's commit counter is kept this long, then expires from the log's state.
     "delta.setTransactionRetentionDuration": "interval 7 days",
     "delta.dataSkippingStatsColumns": ",".join(STATS_COLUMNS),
@@ -131,6 +133,7 @@ class OutputTable(OutputSnapshot):
         self._epoch = (table.transaction_version(WRITER) or 0) + 1
         self._commits = 0
         self._commit_seconds = 0.0
+        self._checkpointed_at = time.monotonic()
         self._removed_at: float | None = None  # time.monotonic() of this run's last commit that removed files
 
     @classmethod
@@ -152,6 +155,7 @@ class OutputTable(OutputSnapshot):
             storage.write_json(storage.join(self.staging, RUN_MARKER), {"run_id": run_id, "day": day})
             yield self
             self._vacuum(vacuum_grace)
+            self._checkpoint()
             _remove_tree(self.staging)
 
     @property
@@ -242,6 +246,7 @@ class OutputTable(OutputSnapshot):
             custom_metadata={"imagetune": {"run_id": self.run_id, "epoch": self._epoch, **info}},
             app_transactions=[Transaction(WRITER, self._epoch), mark],
         )
+        checkpoint = time.monotonic() - self._checkpointed_at >= CHECKPOINT_SECONDS
         try:
             self._table.create_write_transaction(
                 actions,
@@ -249,7 +254,9 @@ class OutputTable(OutputSnapshot):
                 schema=TABLE_SCHEMA,
                 partition_by=[PARTITION],
                 commit_properties=properties,
-                post_commithook_properties=PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=True),
+                post_commithook_properties=PostCommitHookProperties(
+                    create_checkpoint=checkpoint, cleanup_expired_logs=False
+                ),
             )
         except Exception as error:
             self._table.update_incremental()
@@ -262,6 +269,8 @@ class OutputTable(OutputSnapshot):
                 raise
             logger.warning("commit %d landed although its client saw: %s", mark.version, error)
         self._table.update_incremental()  # the handle does not advance by itself
+        if checkpoint:
+            self._checkpointed_at = time.monotonic()
         self._commit_seconds += time.perf_counter() - started
 
     def commit_stats(self) -> dict[str, float]:
@@ -311,6 +320,13 @@ class OutputTable(OutputSnapshot):
         """Delete data files this run wrote but will not commit (a shard that failed after its finalize)."""
         for path in paths:
             storage.remove(storage.join(self.output, path), missing_ok=True)
+
+    def _checkpoint(self) -> None:
+        """Leave the log cheap to open for the next run: a checkpoint of this run's state, and the log
+        entries older than the table's retention (30 days) cleaned up."""
+        if self._commits:
+            self._table.create_checkpoint()
+            self._table.cleanup_metadata()
 
     def _vacuum(self, grace_seconds: float) -> None:
         """Delete the files this run's commits removed, so that ``data/`` holds exactly the table again.
