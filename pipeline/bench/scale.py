@@ -21,13 +21,18 @@ import sys
 import tarfile
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipeline.bench.s3count import counting_moto
+import boto3
+
+from pipeline.bench.s3count import CountingS3, counting_moto
 from pipeline.core.batch import Batch
-from pipeline.readers.plan import Shard, ShardMember
+from pipeline.readers.plan import Shard, ShardMember, plan_shards
 from pipeline.stages.base import Stage
 from pipeline.writers.ledger import ShardRows
 from pipeline.writers.table import OutputTable, ShardCommit
@@ -58,6 +63,17 @@ class ScaleResult:
 
 
 @dataclass
+class NoopRefresh:
+    """A refresh with nothing new over a table of ``shards`` committed shards."""
+
+    storage: str
+    shards: int
+    seconds: float
+    requests: int | None
+    listing_pages: int
+    driver_bytes_per_shard: float
+
+
 @dataclass
 class CommitRate:
     """The commit path alone: N shards' files committed to a fresh table in batches of ``batch``."""
@@ -98,25 +114,59 @@ def tiny_shard(index: int) -> bytes:
     return out.getvalue()
 
 
-def run_scale(shards: int, storage: str, workdir: Path) -> ScaleResult:
-    """Synthesize ``shards`` shards on ``storage``, run them through the pipeline and refresh once."""
+@contextmanager
+def shard_input(shards: int, storage: str, workdir: Path) -> Iterator[tuple[str, str, CountingS3 | None]]:
+    """``shards`` tiny tar shards on ``storage``: yields the input URI, an empty output URI, and the
+    counting server (``None`` for local files)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if storage == "local":
-        source, output = workdir / f"input-{shards}", workdir / f"output-{shards}-{uuid.uuid4().hex[:6]}"
+        source = workdir / f"input-{shards}"
         source.mkdir(exist_ok=True)
         for index in range(shards):
             path = source / f"{index:08d}.tar"
             if not path.exists():
                 path.write_bytes(tiny_shard(index))
-        return _child(shards, storage, str(source), str(output), None)
+        yield str(source), str(workdir / f"output-{shards}-{uuid.uuid4().hex[:6]}"), None
+        return
     bucket = f"imagetune-scale-{uuid.uuid4().hex[:8]}"
     with counting_moto(bucket) as server:
-        import boto3
-
         client = boto3.client("s3", endpoint_url=server.endpoint)
-        for index in range(shards):
+
+        def put(index: int) -> None:
             client.put_object(Bucket=bucket, Key=f"input/{index:08d}.tar", Body=tiny_shard(index))
-        return _child(shards, storage, f"s3://{bucket}/input/", f"s3://{bucket}/output/", server)
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(put, range(shards)))
+        yield f"s3://{bucket}/input/", f"s3://{bucket}/output/", server
+
+
+def run_scale(shards: int, storage: str, workdir: Path) -> ScaleResult:
+    """``shards`` tiny shards through the pipeline, then a refresh with nothing new."""
+    with shard_input(shards, storage, workdir) as (source, output, server):
+        return _child(shards, storage, source, output, server)
+
+
+def noop_at_scale(shards: int, storage: str, workdir: Path) -> NoopRefresh:
+    """A refresh with nothing new over ``shards`` committed shards: the table's history is committed
+    directly (files named, not written), then the real refresh job runs in a fresh process."""
+    with shard_input(shards, storage, workdir) as (source, output, server):
+        planned = plan_shards(source)
+        with OutputTable.open(output, "history", "2026-12-01", vacuum_grace=0) as table:
+            for start in range(0, len(planned), 5000):
+                table.commit([_finalized(table, shard) for shard in planned[start : start + 5000]])
+        if server:
+            server.reset()
+        refresh = _run_child(source, output, "refresh")
+        summary = refresh["summary"]
+        assert summary["shards_planned"] == 0 and summary["shards_unchanged"] == shards, summary
+        return NoopRefresh(
+            storage=storage,
+            shards=shards,
+            seconds=round(refresh["seconds"], 1),
+            requests=server.total() if server else None,
+            listing_pages=-(-shards // LIST_PAGE),
+            driver_bytes_per_shard=round(refresh["peak_growth_bytes"] / shards, 1),
+        )
 
 
 def commit_rate(shards: int, batch: int, storage: str, workdir: Path) -> CommitRate:
@@ -218,7 +268,8 @@ def child_main(source: str, output: str, command: str) -> dict[str, Any]:
     stages = build_stages(config)
     stages.models = [NullStage()]
     stages.decode = DecodeStage(max_side=16)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    if command == "run":  # before the baseline: Ray's own driver memory is not per shard
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
     baseline = _rss("VmRSS")
     started = time.perf_counter()
@@ -248,6 +299,20 @@ def to_markdown(results: list[ScaleResult]) -> str:
     return "\n".join(lines)
 
 
+def noop_markdown(refreshes: list[NoopRefresh]) -> str:
+    lines = [
+        "| storage | committed shards | no-op refresh s | requests | input listing pages | driver peak per shard |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in refreshes:
+        requests = "" if r.requests is None else str(r.requests)
+        lines.append(
+            f"| {r.storage} | {r.shards:,} | {r.seconds:.1f} | {requests} | {r.listing_pages} "
+            f"| {r.driver_bytes_per_shard / 1024:.2f} KiB |"
+        )
+    return "\n".join(lines)
+
+
 def commits_markdown(rates: list[CommitRate]) -> str:
     lines = [
         "| storage | shards | shards per commit | seconds | shard commits/s | requests per commit |",
@@ -266,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", nargs=3, metavar=("INPUT", "OUTPUT", "COMMAND"), help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--storage", choices=STORAGES, nargs="+", default=list(STORAGES))
-    parser.add_argument("--commit-batches", type=int, nargs="+", default=[1, 100, 1000], metavar="K")
+    parser.add_argument("--noop", type=int, nargs="*", default=[10000], help="committed shards for no-op refreshes")
+    parser.add_argument("--commit-batches", type=int, nargs="*", default=[1, 100, 1000], metavar="K")
     parser.add_argument("--commit-shards", type=int, default=10000, help="shards committed per commit-path run")
     parser.add_argument("--out", type=Path, default=Path("bench-out") / "scale")
     args = parser.parse_args(argv)
@@ -280,9 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         for storage in args.storage
     ]
     results = [run_scale(n, storage, args.out) for n in args.shards for storage in args.storage]
-    table = to_markdown(results) + "\n\n" + commits_markdown(rates)
+    refreshes = [noop_at_scale(n, storage, args.out) for n in args.noop for storage in args.storage]
+    table = "\n\n".join([to_markdown(results), noop_markdown(refreshes), commits_markdown(rates)])
     args.out.mkdir(parents=True, exist_ok=True)
-    figures = {"runs": [asdict(r) for r in results], "commits": [asdict(r) for r in rates]}
+    figures = {
+        "runs": [asdict(r) for r in results],
+        "noop_refreshes": [asdict(r) for r in refreshes],
+        "commits": [asdict(r) for r in rates],
+    }
     (args.out / "scale.json").write_text(json.dumps(figures, indent=2))
     (args.out / "scale.md").write_text(table + "\n")
     print(table)

@@ -70,13 +70,51 @@ class ShardCommit:
     rows: ShardRows
 
 
+class TableState:
+    """The snapshot's files, compactly (the driver holds one entry per committed shard): each shard
+    output name's file path (a tuple of them in the rare case of several), and, for plain-file groups
+    only, the group's id and last record key (retirement needs them). What a file's name says is
+    parsed when asked; sizes and row counts are read from the log when asked (``files()``)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, str | tuple[str, ...]] = {}
+        self.groups: dict[str, tuple[str, str]] = {}
+
+    def put(self, path: str, shard_id: str | None, last_key: str | None, add: bool) -> None:
+        """Record a file (beside the shard's others when ``add``, else instead of them)."""
+        name = parse_data_file(path, 0, 0, {}).name
+        known = self.files.get(name) if add else None
+        self.files[name] = path if known is None else (*_tuple(known), path)
+        if shard_id and last_key is not None and file_group(shard_id):
+            self.groups[name] = (shard_id, last_key)
+
+    def paths(self) -> Iterator[str]:
+        return (path for paths in self.files.values() for path in _tuple(paths))
+
+    def pop(self, name: str) -> list[CommittedFile]:
+        files = self.get(name)
+        self.files.pop(name, None)
+        self.groups.pop(name, None)
+        return files
+
+    def get(self, name: str) -> list[CommittedFile]:
+        """The files of ``name``, without size and rows (a commit that removes them needs neither)."""
+        shard_id, last_key = self.groups.get(name, (None, None))
+        stats = {"source_shard": shard_id, "last_key": last_key}
+        return [parse_data_file(path, 0, 0, stats) for path in _tuple(self.files.get(name, ()))]
+
+
+def _tuple(paths: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (paths,) if isinstance(paths, str) else paths
+
+
 class OutputSnapshot:
     """The output's table as of one version of its log, for reading: what is committed, and where."""
 
     def __init__(self, output: str, table: DeltaTable) -> None:
         self.output = output
         self._table = table
-        self._files: dict[str, list[CommittedFile]] = read_state(table)
+        self._state = read_state(table)
 
     @classmethod
     def read(cls, output: str) -> OutputSnapshot:
@@ -90,7 +128,7 @@ class OutputSnapshot:
 
     def committed(self, shard: Shard) -> list[CommittedFile]:
         """The files the table holds for ``shard`` (normally one)."""
-        return self._files.get(shard.output_name, [])
+        return self._state.get(shard.output_name)
 
     def is_done(self, shard: Shard) -> bool:
         """Committed with this input (same members, sizes and versions) and read to the end."""
@@ -99,8 +137,13 @@ class OutputSnapshot:
         return same_input and not files[0].partial
 
     def files(self) -> list[CommittedFile]:
-        """Every data file of the snapshot."""
-        return [f for files in self._files.values() for f in files]
+        """Every data file of the snapshot, with its size and rows (read from the log's file list)."""
+        files = []
+        for batch in _add_actions(self._table):
+            for path, size, rows, shard_id, last_key in zip(*batch, strict=True):
+                stats = {"source_shard": shard_id, "last_key": last_key}
+                files.append(parse_data_file(path, int(size), int(rows or 0), stats))
+        return files
 
     def uri(self, file: CommittedFile) -> str:
         return storage.join(self.output, file.path)
@@ -175,7 +218,7 @@ class OutputTable(OutputSnapshot):
         replaced: list[CommittedFile] = []
         for item in batch:
             for old in self.committed(item.shard):
-                actions.append(RemoveAction(old.path, True, now, old.size, {PARTITION: old.day}))
+                actions.append(RemoveAction(old.path, True, now, None, {PARTITION: old.day}))
                 replaced.append(old)
             day = item.path.split("/")[1].split("=", 1)[1]
             actions.append(AddAction(item.path, item.bytes, {PARTITION: day}, now, True, item.stats))
@@ -183,16 +226,16 @@ class OutputTable(OutputSnapshot):
         self._transact(actions, {"operation": "commit shards", "shards": len(batch), "rows": rows})
         for item in batch:
             stats = _stats(json.loads(item.stats))
-            self._files[item.shard.output_name] = [parse_data_file(item.path, item.bytes, item.rows.rows, stats)]
+            self._state.put(item.path, stats["source_shard"], stats["last_key"], add=False)
         if replaced:
             self._removed_at = time.monotonic()
 
     def retire(self, names: Iterable[str]) -> None:
         """Remove the files of shards the plan no longer has (plain-file groups regrouped), in one commit."""
         now = int(time.time() * 1000)
-        files = [old for name in names for old in self._files.pop(name, [])]
+        files = [old for name in names for old in self._state.pop(name)]
         if files:
-            actions = [RemoveAction(f.path, True, now, f.size, {PARTITION: f.day}) for f in files]
+            actions = [RemoveAction(f.path, True, now, None, {PARTITION: f.day}) for f in files]
             self._transact(actions, {"operation": "retire shards", "files": len(files)})
             self._removed_at = time.monotonic()
 
@@ -212,16 +255,14 @@ class OutputTable(OutputSnapshot):
             if shard.kind == "files" and (group := file_group(shard.shard_id)):
                 listed[group[0]] += [(member_name(member), shard) for member in shard.members]
         retired: dict[str, str] = {}
-        for name, files in self._files.items():
-            old = files[0]
-            group = file_group(old.shard_id or "")
-            if name in planned or group is None or old.last_key is None:
+        for name, (shard_id, last_key) in self._state.groups.items():
+            if name in planned:
                 continue
-            directory, first = group
-            owners = {shard.shard_id: shard for file, shard in listed[directory] if first <= file <= old.last_key}
+            directory, first = file_group(shard_id) or ("", "")
+            owners = {shard.shard_id: shard for file, shard in listed[directory] if first <= file <= last_key}
             if owners and all(self.is_done(shard) for shard in owners.values()):
-                logger.info("retiring %s: its files are committed in %s", old.shard_id, ", ".join(sorted(owners)))
-                retired[name] = old.shard_id or name
+                logger.info("retiring %s: its files are committed in %s", shard_id, ", ".join(sorted(owners)))
+                retired[name] = shard_id
         self.retire(retired)
         return sorted(retired.values())
 
@@ -280,7 +321,8 @@ class OutputTable(OutputSnapshot):
     # ---- opening and closing ---------------------------------------------------------------------
     def _refuse_seen_run_id(self) -> None:
         """A run id names data files: reusing one could write over a committed file."""
-        committed = sum(f.run_id == self.run_id for f in self.files())
+        endings = (f".{self.run_id}.parquet", f".{self.run_id}.partial.parquet")
+        committed = sum(path.endswith(endings) for path in self._state.paths())
         summary = storage.join(self.output, RUNS_DIR, f"{self.run_id}.json")
         fs, path = storage.filesystem(summary)
         if committed or fs.exists(path):
@@ -301,7 +343,7 @@ class OutputTable(OutputSnapshot):
             leftovers = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
         except FileNotFoundError:
             return
-        named = {f.path for f in self.files()}
+        named = set(self._state.paths())
         for run_id in leftovers:
             if run_id == self.run_id:
                 continue
@@ -360,18 +402,20 @@ def _remove_tree(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def read_state(table: DeltaTable) -> dict[str, list[CommittedFile]]:
-    """Every file of the table's current snapshot, by shard output name, from the log alone."""
-    actions = pa.RecordBatchReader.from_stream(table.get_add_actions(flatten=True)).read_all()
-    columns = {name: actions.column(name).to_pylist() for name in ("path", "size_bytes", "num_records")}
-    for stat in ("min.source_shard", "max.source_key"):
-        columns[stat] = actions.column(stat).to_pylist() if stat in actions.column_names else [None] * len(actions)
-    files: dict[str, list[CommittedFile]] = {}
-    for path, size, rows, shard, last in zip(*columns.values(), strict=True):
-        stats = {"source_shard": shard, "last_key": last}
-        committed = parse_data_file(path, int(size), int(rows or 0), stats)
-        files.setdefault(committed.name, []).append(committed)
-    return files
+def read_state(table: DeltaTable) -> TableState:
+    """Every file of the table's current snapshot, from the log alone, a record batch at a time."""
+    state = TableState()
+    for paths, _, _, shard_ids, last_keys in _add_actions(table):
+        for path, shard_id, last_key in zip(paths, shard_ids, last_keys, strict=True):
+            state.put(path, shard_id, last_key, add=True)
+    return state
+
+
+def _add_actions(table: DeltaTable) -> Iterator[list[list[Any]]]:
+    """The snapshot's files as columns (path, size, rows, shard id, last record key), a batch at a time."""
+    names = ("path", "size_bytes", "num_records", "min.source_shard", "max.source_key")
+    for batch in pa.RecordBatchReader.from_stream(table.get_add_actions(flatten=True)):
+        yield [batch.column(n).to_pylist() if n in batch.schema.names else [None] * batch.num_rows for n in names]
 
 
 def _stats(stats: dict[str, Any]) -> dict[str, str | None]:
