@@ -13,10 +13,10 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from deltalake import DeltaTable, Schema
@@ -44,6 +44,7 @@ from pipeline.writers.ledger import ShardRows
 from pipeline.writers.lock import OutputLock, OutputLockedError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TABLE_SCHEMA = pa.schema([*OUTPUT_SCHEMA, pa.field(PARTITION, pa.string(), nullable=False)])
 WRITER = "imagetune.writer"  # the log's txn app id: its version is the epoch of the run that last committed
@@ -52,6 +53,7 @@ RUN_APP_PREFIX = "imagetune.run."  # + run id: its version counts that run's com
 # commits: at 10^6 files a checkpoint takes tens of seconds, and opening the table reads the last one
 # plus the commits after it (one GET each), which a run that ended well leaves at a handful.
 CHECKPOINT_SECONDS = 600.0
+LOG_WRITE_ATTEMPTS = 6  # a log write whose connection broke, tried again over ~16 s (see _retry_transient)
 TABLE_CONFIGURATION = {
     # Each run's commit counter is kept this long, then expires from the log's state.
     "delta.setTransactionRetentionDuration": "interval 7 days",
@@ -288,28 +290,34 @@ class OutputTable(OutputSnapshot):
             app_transactions=[Transaction(WRITER, self._epoch), mark],
         )
         checkpoint = time.monotonic() - self._checkpointed_at >= CHECKPOINT_SECONDS
-        try:
-            self._table.create_write_transaction(
-                actions,
-                mode="append",
-                schema=TABLE_SCHEMA,
-                partition_by=[PARTITION],
-                commit_properties=properties,
-                post_commithook_properties=PostCommitHookProperties(
-                    create_checkpoint=checkpoint, cleanup_expired_logs=False
-                ),
-            )
-        except Exception as error:
-            self._table.update_incremental()
-            if self._table.transaction_version(mark.app_id) != mark.version:
+        for attempt in range(1, LOG_WRITE_ATTEMPTS + 1):
+            try:
+                self._table.create_write_transaction(
+                    actions,
+                    mode="append",
+                    schema=TABLE_SCHEMA,
+                    partition_by=[PARTITION],
+                    commit_properties=properties,
+                    post_commithook_properties=PostCommitHookProperties(
+                        create_checkpoint=checkpoint, cleanup_expired_logs=False
+                    ),
+                )
+                break
+            except Exception as error:
+                _retry_transient(self._table.update_incremental)
+                if self._table.transaction_version(mark.app_id) == mark.version:
+                    logger.warning("commit %d landed although its client saw: %s", mark.version, error)
+                    break
                 if isinstance(error, CommitFailedError):
                     raise OutputLockedError(
                         f"another run committed to {storage.redact_uri(self.output)} since this one opened it "
                         f"({error}); this run stops before committing anything else"
                     ) from error
-                raise
-            logger.warning("commit %d landed although its client saw: %s", mark.version, error)
-        self._table.update_incremental()  # the handle does not advance by itself
+                if not isinstance(error, OSError) or attempt == LOG_WRITE_ATTEMPTS:
+                    raise
+                logger.warning("commit %d did not land (%s); retrying", mark.version, error)
+                time.sleep(_backoff(attempt))
+        _retry_transient(self._table.update_incremental)  # the handle does not advance by itself
         if checkpoint:
             self._checkpointed_at = time.monotonic()
         self._commit_seconds += time.perf_counter() - started
@@ -431,16 +439,38 @@ def _open_or_create(output: str) -> DeltaTable:
         pass
     _refuse_old_layout(output)
     logger.info("creating the Delta table at %s", storage.redact_uri(output))
-    DeltaTable.create(
-        output,
-        Schema.from_arrow(TABLE_SCHEMA),
-        mode="ignore",  # two first runs racing: the second opens the first one's table
-        partition_by=[PARTITION],
-        configuration=TABLE_CONFIGURATION,
-        storage_options=options,
+    _retry_transient(
+        lambda: DeltaTable.create(
+            output,
+            Schema.from_arrow(TABLE_SCHEMA),
+            mode="ignore",  # two first runs racing (or an attempt that landed): open the table that is there
+            partition_by=[PARTITION],
+            configuration=TABLE_CONFIGURATION,
+            storage_options=options,
+        )
     )
     storage.write_bytes(storage.join(output, "README.md"), DATASET_CARD.encode())
     return DeltaTable(output, storage_options=options)
+
+
+def _retry_transient(call: Callable[[], T]) -> T:
+    """``call()``, again after a transport error (``OSError``), up to ``LOG_WRITE_ATTEMPTS`` times.
+
+    object_store retries reads and 5xx answers itself, but not a conditional PUT whose connection
+    broke: the log's commits and its creation are put-if-absent, so they come back here; both are
+    safe to repeat (a commit that landed is recognised by its mark, a table that exists is opened).
+    """
+    for attempt in range(1, LOG_WRITE_ATTEMPTS):
+        try:
+            return call()
+        except OSError as error:
+            logger.warning("the Delta log did not answer (%s); retrying", error)
+            time.sleep(_backoff(attempt))
+    return call()
+
+
+def _backoff(attempt: int) -> float:
+    return min(0.5 * 2 ** (attempt - 1), 8.0)
 
 
 def _refuse_old_layout(output: str) -> None:

@@ -18,6 +18,7 @@ from pipeline.writers.lock import OutputLockedError
 from pipeline.writers.parquet import StagedPartWriter, finalize_shard
 from pipeline.writers.table import OutputSnapshot, OutputTable, ShardCommit
 from tests.conftest import BUCKET
+from tests.s3_faults import FaultPlan, FaultProxy
 from tests.writers.test_parquet import NOW, _batch
 
 DAY = "2026-11-22"
@@ -191,3 +192,20 @@ def test_a_commit_whose_response_was_lost_counts_as_committed(tmp_path, monkeypa
         monkeypatch.undo()
         assert table.is_done(tar("a"))
     assert table_ids(output) == glob_ids(output) == ["a.tar#0"]
+
+
+def test_log_writes_whose_connection_broke_are_tried_again_and_land_once(s3, s3_endpoint, monkeypatch):
+    """object_store does not retry a put-if-absent whose connection broke: the table's creation and a
+    commit must be tried again by the writer, and the commit must land exactly once."""
+    output = f"s3://{BUCKET}/output"
+    plan = FaultPlan(
+        scripted=[("PUT", r"_delta_log/0{20}\.json", "reset"), ("PUT", r"_delta_log/0{19}1\.json", "reset")]
+    )
+    with FaultProxy(s3_endpoint, plan) as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        with OutputTable.open(output, "run-1", DAY) as table:
+            table.commit([write_shard(table, tar("a"), ["0", "1"])])
+    assert plan.injected == {("PUT", "reset"): 2} and not plan.scripted
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    assert table_ids(output) == glob_ids(output) == ["a.tar#0", "a.tar#1"]
+    assert DeltaTable(output, storage_options=storage.delta_options(output)).version() == 1
