@@ -290,6 +290,7 @@ class OutputTable(OutputSnapshot):
             app_transactions=[Transaction(WRITER, self._epoch), mark],
         )
         checkpoint = time.monotonic() - self._checkpointed_at >= CHECKPOINT_SECONDS
+        base = self._table.version()
         for attempt in range(1, LOG_WRITE_ATTEMPTS + 1):
             try:
                 self._table.create_write_transaction(
@@ -308,7 +309,8 @@ class OutputTable(OutputSnapshot):
                 if self._table.transaction_version(mark.app_id) == mark.version:
                     logger.warning("commit %d landed although its client saw: %s", mark.version, error)
                     break
-                if isinstance(error, CommitFailedError):
+                # A conflict, or a log that moved although this run, its only writer, did not commit.
+                if isinstance(error, CommitFailedError) or self._table.version() != base:
                     raise OutputLockedError(
                         f"another run committed to {storage.redact_uri(self.output)} since this one opened it "
                         f"({error}); this run stops before committing anything else"
@@ -365,6 +367,8 @@ class OutputTable(OutputSnapshot):
                 storage.remove(storage.join(self.output, path))
             logger.warning("removing the staging of run %s, which did not end", run_id)
             _remove_tree(staging)
+            # Its commits may have replaced files it never vacuumed: this run vacuums them when it ends.
+            self._removed_at = time.monotonic()
 
     def discard(self, paths: Iterable[str]) -> None:
         """Delete data files this run wrote but will not commit (a shard that failed after its finalize)."""
@@ -379,7 +383,8 @@ class OutputTable(OutputSnapshot):
             self._table.cleanup_metadata()
 
     def _vacuum(self, grace_seconds: float) -> None:
-        """Delete the files this run's commits removed, so that ``data/`` holds exactly the table again.
+        """Delete the files this run's commits (or a killed run's) removed, so that ``data/`` holds
+        exactly the table again.
 
         delta-rs's vacuum deletes the files the log says were removed (it lists no data). A query that
         planned on an older snapshot could still be reading them: they go ``grace_seconds`` after the

@@ -121,6 +121,29 @@ def test_a_run_that_lost_the_output_cannot_commit_past_the_run_that_took_it(tmp_
     assert table_ids(output) == ["b.tar#0"]
 
 
+def test_a_retried_commit_does_not_land_after_a_run_that_took_the_output(tmp_path, monkeypatch):
+    output = str(tmp_path / "output")
+    with OutputTable.open(output, "run-0", DAY):
+        pass
+    with OutputTable.open(output, "stale", DAY) as stale:
+        commit = write_shard(stale, tar("a"), ["0"])
+        stale._lock.release()
+        with OutputTable.open(output, "newer", DAY) as newer:
+            newer.commit([write_shard(newer, tar("b"), ["0"])])
+        stale._lock._renewed_at = float("inf")
+        stale._lock.lost = False
+        attempt = DeltaTable.create_write_transaction
+
+        def broken_connection(self, *args, **kwargs):
+            monkeypatch.setattr(DeltaTable, "create_write_transaction", attempt)
+            raise OSError("Generic S3 error: connection reset by peer")
+
+        monkeypatch.setattr(DeltaTable, "create_write_transaction", broken_connection)
+        with pytest.raises(OutputLockedError, match="another run committed"):
+            stale.commit([commit])  # the retry reloads the log, which now carries the newer run's epoch
+    assert table_ids(output) == ["b.tar#0"]
+
+
 def test_a_run_id_the_output_has_seen_is_refused(tmp_path):
     output = str(tmp_path / "output")
     with OutputTable.open(output, "nightly", DAY) as table:
@@ -143,6 +166,18 @@ def test_files_a_killed_run_wrote_but_never_committed_are_removed_by_the_next_ru
     assert glob_ids(output) == table_ids(output) == ["a.tar#0"]
     fs, staging = storage.filesystem(storage.join(output, STAGING_DIR))
     assert not fs.exists(staging) or fs.ls(staging) == []
+
+
+def test_files_a_killed_run_replaced_are_deleted_when_the_next_run_ends(output):
+    with OutputTable.open(output, "first", DAY) as table:
+        table.commit([write_shard(table, tar("a", "v1"), ["0"])])
+    with pytest.raises(KeyboardInterrupt), OutputTable.open(output, "killed", DAY) as table:
+        table.commit([write_shard(table, tar("a", "v2"), ["0"])])  # replaced in the log, not yet vacuumed
+        raise KeyboardInterrupt
+    assert table_ids(output) == ["a.tar#0"] and glob_ids(output) == ["a.tar#0", "a.tar#0"]
+    with OutputTable.open(output, "next", DAY):
+        pass  # nothing to do, but a killed run to clean up after
+    assert glob_ids(output) == table_ids(output) == ["a.tar#0"]
 
 
 def test_regrouped_plain_files_retire_the_old_group_once_its_files_are_committed_elsewhere(tmp_path):
