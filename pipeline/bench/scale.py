@@ -1,4 +1,4 @@
-"""The control plane at scale: ``imagetune bench --scale N``.
+"""The control plane at scale: ``python -m pipeline.bench.scale --shards N``.
 
 N tiny shards (one 8×8 image each) go through the real pipeline on a local Ray, with a model stage
 that does nothing, so what is measured is what grows with the number of shards: planning, the

@@ -1,4 +1,4 @@
-"""Mergeable run statistics and the run summary written to ``<output>/_runs/<run_id>.json``."""
+"""Mergeable run statistics and the run summary written to ``<output>/_imagetune/runs/<run_id>.json``."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ ShardKind = Literal["tar", "parquet", "files"]
 
 @dataclass(frozen=True)
 class ShardMember:
-    """One object of a shard with the identity the manifest compares (size + ETag or mtime)."""
+    """One object of a shard with the identity a refresh compares (size + ETag or mtime, in the shard's fingerprint)."""
 
     uri: str
     size: int
@@ -200,7 +200,7 @@ def _describe(skipped: dict[str, Any]) -> str:
 
 def _hidden(directories: list[str], name: str, extension: str) -> bool:
     """Hidden files (``.DS_Store``, ``._IMG.jpg``) and bookkeeping (``_SUCCESS``, ``_temporary/``,
-    ``_manifest/``). An image named with a leading underscore (cameras write ``_DSC0001.JPG`` for
+    an old output's ``_manifest/``). An image named with a leading underscore (cameras write ``_DSC0001.JPG`` for
     Adobe RGB shots) is a record."""
     if any(part.startswith((".", "_")) for part in directories) or name.startswith("."):
         return True

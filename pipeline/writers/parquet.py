@@ -2,10 +2,10 @@
 
 Ray Data re-chunks rows between stages, so by write time a block holds rows of several shards and a
 shard's rows are spread over several blocks. Each block's rows are written as staged parts under
-``_staging/<run_id>/``; once every row of a shard is staged, ``finalize_shard`` streams its parts into
-``dt=<date>/<shard name>-<hash>-<run id>.parquet`` in one PUT. Glob readers (DuckDB, Spark)
-therefore never see part of a shard. A re-run's file has a new name; the shard's manifest entry
-names the one that counts, and the files of the previous commit are deleted after it is replaced.
+``_imagetune/staging/<run_id>/``; once every row of a shard is staged, ``finalize_shard`` streams its
+parts into the shard's data file (``layout.data_file``) in one PUT, with the Delta statistics of what
+it wrote. Glob readers therefore never see part of a shard. A re-run's file has a new name; the
+table's log says which file counts (``writers.table``), and replaced files are vacuumed after it.
 """
 
 from __future__ import annotations
