@@ -23,7 +23,7 @@ from ray.data.expressions import Expr, col, lit
 from pipeline.core import storage
 from pipeline.models.aligner import BaseModel, embedding_model, same_weights
 from pipeline.training.aligner_config import RowFilter
-from pipeline.writers.manifest import read_manifest
+from pipeline.writers.table import OutputSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ class PairSet:
 
 
 def committed_files(output: str) -> list[str]:
-    """URIs of the output's committed data files: the one place that knows how commits are recorded."""
-    manifest = read_manifest(output)
-    return sorted(storage.join(output, name) for entry in manifest.values() for name in entry.get("files", []))
+    """URIs of the data files in the output table's current snapshot (the Delta log's add actions)."""
+    snapshot = OutputSnapshot.read(output)
+    return sorted(snapshot.uri(file) for file in snapshot.files())
 
 
 def row_filter(rows: RowFilter) -> Expr:
