@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from pipeline.core import storage
-from pipeline.runner.execute import init_ray
+from pipeline.runner.cluster import init_ray
 from pipeline.training.aligner_config import load_align_config
 from pipeline.training.aligner_eval import format_markdown
 from pipeline.training.aligner_trainer import cross_validate

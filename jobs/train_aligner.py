@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from pipeline.runner.execute import init_ray
+from pipeline.runner.cluster import init_ray
 from pipeline.training.aligner_config import load_align_config
 from pipeline.training.aligner_eval import format_markdown
 from pipeline.training.aligner_trainer import train_aligner

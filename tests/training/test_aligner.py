@@ -182,6 +182,7 @@ def test_five_fold_cross_validation_of_the_readme(shapes, tmp_path):
     print(format_markdown(card["cross_validation"], "5-fold cross-validation"))
 
 
+@pytest.mark.slow
 def test_eval_aligner_reruns_the_recipe_and_a_shuffled_caption_control_learns_nothing(shapes, trained, tmp_path):
     out = tmp_path / "control"
     argv = ["--model", str(trained["dir"]), "--input", shapes["output"], "--folds", "3", "--out", str(out)]
@@ -205,6 +206,7 @@ def test_training_refuses_an_output_embedded_by_another_model(shapes, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 def test_a_run_with_the_aligner_from_s3_scores_with_its_tuned_text_tower_and_keeps_the_embeddings(
     shapes, trained, s3, tmp_path
 ):
@@ -263,6 +265,7 @@ def test_a_run_with_the_aligner_from_s3_scores_with_its_tuned_text_tower_and_kee
     assert np.mean(changed) > 0.01  # the tuned tower scores differently from the base: the parity means something
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_at_its_last_checkpoint_and_refuses_other_pairs(shapes, tmp_path):
     from ray._private.state import actors  # the GCS's actor table: this test's own Ray, no dashboard needed
 
@@ -280,7 +283,8 @@ def test_an_interrupted_run_resumes_at_its_last_checkpoint_and_refuses_other_pai
     thread = threading.Thread(target=fit)
     thread.start()
     deadline = time.monotonic() + 600
-    while not list((output / "_train").glob("checkpoint_*")) and time.monotonic() < deadline:
+    # A checkpoint counts once Ray Train has registered it (its folder appears before it is complete).
+    while not (output / "_train" / "checkpoint_manager_snapshot.json").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     workers = [a for a in actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == "RayTrainWorker"]
     assert len(workers) == 1
