@@ -20,6 +20,8 @@ COMMANDS = {
     "bench": ("jobs.bench", "measure stages, pipeline, a PyTorch baseline, memory and listing; print one table"),
     "train-tuner": ("jobs.train_tuner", "train the tuner on a sample of --input; writes model + card to --output"),
     "eval-tuner": ("jobs.eval_tuner", "PSNR/SSIM of a tuner vs. baselines: eval-tuner --model URI --images DIR"),
+    "train-aligner": ("jobs.train_aligner", "tune CLIP's text tower to an output's images: --input OUT --output MODEL"),
+    "eval-aligner": ("jobs.eval_aligner", "cross-validate an aligner's recipe: --model MODEL --input OUT [--folds 5]"),
 }
 
 

@@ -103,10 +103,16 @@ class CaptionConfig:
 
 @dataclass
 class ClipConfig:
-    """open_clip CLIP alignment scoring of the tuned image against both captions."""
+    """open_clip CLIP alignment scoring of the tuned image against both captions.
+
+    ``text_model`` is an aligner (``imagetune train-aligner``'s output directory or its
+    ``model.safetensors``, any URI): the scores then use its tuned text tower with this model's
+    image tower, which it was trained against; one made for another base model is refused.
+    """
 
     model: str = "ViT-B-32"
     pretrained: str = "laion2b_s34b_b79k"
+    text_model: str | None = None  # an aligner (`imagetune train-aligner` output) trained for this model
     batch_size: int = 256  # images per forward: ViT-B/32 needs a few hundred to keep a GPU busy
     store_embedding: bool = True
     allow_pickle: bool = False

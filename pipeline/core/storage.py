@@ -20,6 +20,7 @@ from typing import Any
 
 import fsspec
 import fsspec.asyn
+import pyarrow.fs
 from fsspec.core import url_to_fs
 
 # Non-secret settings forwarded to Ray workers of a remote cluster. Credentials are not forwarded:
@@ -74,6 +75,13 @@ def join(uri: str, *parts: str) -> str:
 def protocol_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A full URI for ``path`` on ``fs`` that any worker can open again."""
     return fs.unstrip_protocol(path)
+
+
+def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
+    """A pyarrow filesystem for ``uri`` that goes through this module's fsspec settings (``None`` for
+    local paths, which pyarrow opens itself), and the path inside it; for Ray Data and Ray Train."""
+    fs, path = filesystem(uri)
+    return (pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)) if is_remote(uri) else None), path
 
 
 def is_remote(uri: str) -> bool:

@@ -52,6 +52,15 @@ def locate_checkpoint(uri: str, allow_pickle: bool = False) -> tuple[Any, str, d
     return fs, path, info
 
 
+def safetensors_metadata(uri: str) -> dict[str, str]:
+    """The ``__metadata__`` of the safetensors checkpoint ``uri`` names, from its header alone."""
+    fs, path, _ = locate_checkpoint(uri)
+    if not path.endswith(".safetensors"):
+        raise CheckpointError(f"{storage.redact_uri(uri)} is not a safetensors checkpoint")
+    length = int.from_bytes(fs.cat_file(path, start=0, end=8), "little")
+    return json.loads(fs.cat_file(path, start=8, end=8 + length)).get("__metadata__") or {}
+
+
 def _check_safetensors_layout(fs, path: str, size: int, uri: str) -> None:
     """Catch a truncated or corrupt safetensors file from its header alone (two small range reads).
 

@@ -93,15 +93,13 @@ def load_open_clip(
             torch.manual_seed(seed)
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
             initialise_random_weights(model)
-        model_id = f"open_clip:{name}/RANDOM-WEIGHTS(seed={seed})"
+        model_id = open_clip_model_id(name, pretrained, None, seed)
     else:
         local = _local_checkpoint(pretrained, cache_dir, allow_pickle)
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=str(local) if local else pretrained, require_pretrained=True, weights_only=True
         )
-        source = storage.redact_uri(pretrained)
-        weights = str(local) if local else _tag_file(name, pretrained)
-        model_id = f"open_clip:{name}/{source}@sha256:{file_digest(weights)[:16]}"
+        model_id = open_clip_model_id(name, pretrained, str(local) if local else _tag_file(name, pretrained))
     geometry, mean, std = _split_preprocess(preprocess)
     model = model.to(device).eval()
     return OpenClipModel(
@@ -113,6 +111,23 @@ def load_open_clip(
         std=torch.tensor(std, device=device).view(1, 3, 1, 1),
         device=device,
     )
+
+
+def open_clip_model_id(name: str, pretrained: str, weights: str | None, seed: int = 0) -> str:
+    """The provenance id in the ``*_model`` columns: architecture, source and the weights' sha256.
+
+    ``weights`` is the local weights file (``None`` for ``random``, whose id names the seed instead).
+    """
+    if pretrained == RANDOM:
+        return f"open_clip:{name}/RANDOM-WEIGHTS(seed={seed})"
+    return f"open_clip:{name}/{storage.redact_uri(pretrained)}@sha256:{file_digest(str(weights))[:16]}"
+
+
+def weights_file(name: str, pretrained: str, cache_dir: str, allow_pickle: bool = False) -> str:
+    """The local file behind a checkpoint path or URI (fetched once per node) or a pretrained tag
+    (downloaded into open_clip's cache)."""
+    local = _local_checkpoint(pretrained, cache_dir, allow_pickle)
+    return str(local) if local else _tag_file(name, pretrained)
 
 
 def is_checkpoint_path(pretrained: str) -> bool:

@@ -13,6 +13,7 @@ import open_clip
 
 from pipeline.core import storage
 from pipeline.core.config import RANDOM, JobConfig, ReadConfig
+from pipeline.models.aligner import check_text_model
 from pipeline.models.checkpoints import locate_checkpoint
 from pipeline.models.openclip import is_checkpoint_path, register_model_config
 from pipeline.models.tuner import DEFAULT
@@ -85,6 +86,9 @@ def preflight(config: JobConfig) -> None:
         elif not open_clip.get_pretrained_cfg(name, pretrained):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
             raise ValueError(f"{pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {tags})")
+    if config.clip.text_model:
+        clip, cache = config.clip, config.runner.checkpoint_cache
+        check_text_model(clip.model, clip.pretrained, clip.text_model, cache, clip.allow_pickle)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import torch
 
 from pipeline.core.batch import Batch, fill, ok_mask, writable
 from pipeline.core.config import CHECKPOINT_CACHE, ClipConfig
+from pipeline.models.aligner import apply_aligner
+from pipeline.models.checkpoints import fetch_checkpoint
 from pipeline.models.openclip import OpenClipModel, load_open_clip, select_device
 from pipeline.stages.base import Stage
 
@@ -18,7 +20,8 @@ from pipeline.stages.base import Stage
 class ClipScoreStage(Stage):
     """``image`` + captions → ``image_embedding``, ``clip_score``, ``generated_clip_score`` (cosine).
 
-    A score is NaN (null in the output) where its text is missing or empty.
+    A score is NaN (null in the output) where its text is missing or empty. With ``text_model`` the
+    texts go through the aligner's tuned text tower; the image embedding is the base model's.
     """
 
     config: ClipConfig
@@ -30,6 +33,9 @@ class ClipScoreStage(Stage):
         self._clip: OpenClipModel = load_open_clip(
             config.model, config.pretrained, select_device(), self.cache_dir, config.allow_pickle
         )
+        if config.text_model:
+            path = fetch_checkpoint(config.text_model, self.cache_dir)
+            self._clip.model_id = apply_aligner(self._clip.model, self._clip.model_id, path)
         self._batch_size = config.batch_size
 
     @torch.inference_mode()

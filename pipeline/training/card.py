@@ -8,6 +8,7 @@ declared) and how (steps, wall time, device), and how it scored (evaluation tabl
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,16 +51,22 @@ def build_card(
 
 
 def write_model(output: str, model: RestorationNet, card: dict[str, Any]) -> dict[str, Any]:
-    """Write ``model.safetensors`` and then ``model_card.json`` (with the weights' sha256) under ``output``.
+    """Write the tuner's ``model.safetensors`` and then its ``model_card.json`` under ``output``."""
+    metadata = {"name": card["name"], "card": CARD_FILE}
+    return write_checkpoint(output, lambda path: save_tuner(model.cpu(), path, metadata), card)
+
+
+def write_checkpoint(output: str, save: Callable[[str], None], card: dict[str, Any]) -> dict[str, Any]:
+    """Write ``model.safetensors`` (by ``save(local_path)``) and then ``model_card.json`` with the
+    weights' sha256, under ``output``.
 
     Local paths or any fsspec URI; returns the card as written. The card goes last, so a card
     always describes weights that are already there.
     """
     fs, path = storage.filesystem(output)
-    metadata = {"name": card["name"], "card": CARD_FILE}
     with tempfile.TemporaryDirectory() as directory:
         local = Path(directory) / MODEL_FILE
-        save_tuner(model.cpu(), str(local), metadata)
+        save(str(local))
         card = {**card, "weights_sha256": file_digest(str(local))}
         storage.ensure_parent(fs, f"{path}/{MODEL_FILE}")
         with storage.errors_naming(output, "write the model to"):

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -100,7 +99,7 @@ def train_tuner(config: TrainConfig) -> TrainResult:
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
         ),
-        run_config=_run_config(config.output),
+        run_config=run_config(config.output),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -158,10 +157,9 @@ def _records(refs: list[tuple[ray.ObjectRef, int]]):
             yield record.record_id, record
 
 
-def _run_config(output: str) -> ray.train.RunConfig:
+def run_config(output: str) -> ray.train.RunConfig:
     """Ray Train's storage under ``<output>/_train/``, through the project's fsspec filesystems."""
-    fs, path = storage.filesystem(output)
-    custom = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)) if storage.is_remote(output) else None
+    custom, path = storage.arrow_filesystem(output)
     return ray.train.RunConfig(
         name=RUN_NAME,
         storage_path=path,
