@@ -9,6 +9,7 @@ the uint8 input is what a file would hold and what OpenCV's filters take). PSNR 
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -16,10 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 from pipeline.core import storage
-from pipeline.models.degrade import gaussian_noise, jpeg_compress, to_uint8
+from pipeline.models.assess import conditions_for, equivalent_quality
+from pipeline.models.degrade import gaussian_noise, jpeg_encode, to_uint8
 from pipeline.models.tuner import RestorationNet, restore_images
 from pipeline.training.metrics import psnr, ssim
 
@@ -45,13 +48,16 @@ class Condition:
     def label(self) -> str:
         return {"gaussian": f"gaussian sigma={self.level}", "jpeg": f"jpeg q={self.level}"}.get(self.kind, "clean")
 
-    def apply(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The degraded float image in [0, 1] (unclipped for Gaussian noise)."""
+    def apply(self, clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float | None]:
+        """The degraded float image in [0, 1] (unclipped for Gaussian noise), and the quality its JPEG
+        header states (read back from the file, as the decode stage does; None if not a JPEG)."""
         if self.kind == "gaussian":
-            return gaussian_noise(clean.astype(np.float32) / 255.0, float(self.level), rng)
+            return gaussian_noise(clean.astype(np.float32) / 255.0, float(self.level), rng), None
         if self.kind == "jpeg":
-            return jpeg_compress(clean, self.level).astype(np.float32) / 255.0
-        return clean.astype(np.float32) / 255.0
+            with Image.open(io.BytesIO(jpeg_encode(clean, self.level))) as image:
+                quality = equivalent_quality(image.quantization)
+                return np.asarray(image.convert("RGB")).astype(np.float32) / 255.0, quality
+        return clean.astype(np.float32) / 255.0, None
 
 
 def conditions(sigmas: list[int], qualities: list[int]) -> list[Condition]:
@@ -64,13 +70,22 @@ def conditions(sigmas: list[int], qualities: list[int]) -> list[Condition]:
 
 
 @torch.inference_mode()
-def run_model(model: RestorationNet, image: np.ndarray, device: torch.device) -> np.ndarray:
-    """The model's uint8 output for one float H×W×3 image, whole (no tiling), edge-padded to its grid."""
+def run_model(
+    model: RestorationNet, image: np.ndarray, device: torch.device, quality: float | None = None
+) -> np.ndarray:
+    """The model's uint8 output for one float H×W×3 image, whole (no tiling), edge-padded to its grid.
+
+    A conditioned model is told what the pipeline would tell it: the noise level estimated on the
+    image and ``quality``, its JPEG header's.
+    """
     height, width = image.shape[:2]
     factor = model.arch.multiple
     tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
     tensor = F.pad(tensor, (0, -width % factor, 0, -height % factor), mode="replicate")
-    output = model(tensor)[0, :, :height, :width].float().clamp(0, 1)
+    conditions = None
+    if model.arch.conditions:
+        conditions = torch.from_numpy(conditions_for(model.arch.conditions, image * 255.0, quality))[None].to(device)
+    output = model(tensor, conditions)[0, :, :height, :width].float().clamp(0, 1)
     return output.mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
@@ -95,11 +110,12 @@ def evaluate(
     model = model.to(device).eval()
     rows = []
     for condition in conditions(sigmas, qualities):
-        inputs = [condition.apply(clean, _rng(seed, i, condition)) for i, (_, clean) in enumerate(images)]
+        degraded = [condition.apply(clean, _rng(seed, i, condition)) for i, (_, clean) in enumerate(images)]
+        inputs = [x for x, _ in degraded]
         cleans = [clean for _, clean in images]
         methods: dict[str, dict] = {
             "input": _score(cleans, [to_uint8(x) for x in inputs]),
-            "model": _score(cleans, [run_model(model, x, device) for x in inputs]),
+            "model": _score(cleans, [run_model(model, x, device, quality) for x, quality in degraded]),
         }
         if cv2 is not None and condition.kind != "clean":
             uint8_inputs = [to_uint8(x) for x in inputs]
@@ -198,9 +214,10 @@ def measure_throughput(
     model = model.to(device).eval()
     image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
     overlap = model.arch.receptive_radius + model.arch.receptive_radius % 2
-    restore_images(model, [image], tile_size, overlap, batch_size, device)
+    conditions = [np.zeros(len(model.arch.conditions), dtype=np.float32)]
+    restore_images(model, [image], tile_size, overlap, batch_size, device, conditions=conditions)
     start = time.perf_counter()
     for _ in range(repeats):
-        restore_images(model, [image], tile_size, overlap, batch_size, device)
+        restore_images(model, [image], tile_size, overlap, batch_size, device, conditions=conditions)
     seconds = (time.perf_counter() - start) / repeats
     return {"megapixels_per_second": side * side / 1e6 / seconds, "side": side, "threads": torch.get_num_threads()}
