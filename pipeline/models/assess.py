@@ -32,7 +32,8 @@ ZIGZAG = np.array(
 # Immerkær's operator [[1, -2, 1], [-2, 4, -2], [1, -2, 1]] (applied as two 1-D second differences)
 # is blind to a pixel's linear surroundings; its weights' squares sum to 36, so white noise of
 # deviation s gives responses of deviation 6·s.
-NOISE_TILE = 16  # the noise level is read per tile of this many pixels, in the flattest tiles
+NOISE_TILE = 16  # the noise level is read per tile of this many pixels (2×2 JPEG blocks), in the flattest tiles
+EDGE_FREE = (NOISE_TILE // 8 * 6) ** 2  # responses per tile whose 3×3 window stays inside an 8×8 block
 NOISE_PERCENTILE = 20.0
 # The PERCENTILE-th of the tile readings of pure white noise, as a fraction of its deviation
 # (measured: 0.9075 ± 0.001 over four 2048² images of white noise).
@@ -118,28 +119,37 @@ def estimate_noise_sigma(image: np.ndarray) -> float:
     as noise, or holds a pixel clipped to 0 or 255, where clipping has cut the noise (and tiles with
     less than half their responses left). Per channel, averaged; 0 where no tile is left.
     """
-    pixels = np.moveaxis(np.asarray(image, dtype=np.float32), 2, 0)
+    pixels = np.moveaxis(np.asarray(image, dtype=np.float32), 2, 0)  # C×H×W
+    channels, height, width = pixels.shape
     rows = pixels[:, :-2] - 2 * pixels[:, 1:-1] + pixels[:, 2:]
-    response = np.abs(rows[:, :, :-2] - 2 * rows[:, :, 1:-1] + rows[:, :, 2:])  # centres at 1 .. H-2
+    response = np.zeros_like(pixels)
+    response[:, 1:-1, 1:-1] = np.abs(rows[:, :, :-2] - 2 * rows[:, :, 1:-1] + rows[:, :, 2:])
     clipped = (pixels == 0) | (pixels == 255)
-    clipped = clipped[:, :-2] | clipped[:, 1:-1] | clipped[:, 2:]
-    valid = ~(clipped[:, :, :-2] | clipped[:, :, 1:-1] | clipped[:, :, 2:])
-    keep_y, keep_x = (np.flatnonzero(np.isin((np.arange(n) + 1) % 8, range(1, 7))) for n in response.shape[1:])
-    side = NOISE_TILE * 6 // 8  # 6 of every 8 rows and columns are kept
-    total, count = (_tile_sums(m[:, keep_y][:, :, keep_x], side) for m in (response * valid, valid))
-    enough = count >= side * side / 2
-    levels = [t[ok] / c[ok] for t, c, ok in zip(total, count, enough, strict=True)]
+    near = clipped.copy()
+    near[:, 1:] |= clipped[:, :-1]
+    near[:, :-1] |= clipped[:, 1:]
+    reach = near.copy()
+    reach[:, :, 1:] |= near[:, :, :-1]
+    reach[:, :, :-1] |= near[:, :, 1:]
+    valid = ~reach
+    valid[:, [0, -1]] = False  # no whole 3×3 window at the border
+    valid[:, :, [0, -1]] = False
+    total, count = _tile_sums(response * valid), _tile_sums(valid)
+    levels = [t[c >= EDGE_FREE / 2] / c[c >= EDGE_FREE / 2] for t, c in zip(total, count, strict=True)]
     if min(len(level) for level in levels) == 0:
         return 0.0
     level = np.mean([np.percentile(level, NOISE_PERCENTILE) for level in levels])
     return float(level * math.sqrt(math.pi / 2) / 6 / NOISE_PERCENTILE_BIAS)
 
 
-def _tile_sums(values: np.ndarray, side: int) -> np.ndarray:
-    """C×H×W → C×T: the sum over each whole ``side``² tile (a partial last row or column is left out)."""
-    rows, cols = values.shape[1] // side, values.shape[2] // side
-    cut = values[:, : rows * side, : cols * side].reshape(values.shape[0], rows, side, cols, side)
-    return cut.sum(axis=(2, 4), dtype=np.float64).reshape(values.shape[0], -1)
+def _tile_sums(values: np.ndarray) -> np.ndarray:
+    """C×H×W → C×T: per ``NOISE_TILE``² tile (2×2 JPEG blocks), the sum over the rows and columns 1-6
+    of each 8×8 block, whose 3×3 windows stay inside the block (partial tiles are left out)."""
+    channels, height, width = values.shape
+    rows, cols = height // NOISE_TILE, width // NOISE_TILE
+    blocks = NOISE_TILE // 8
+    cut = values[:, : rows * NOISE_TILE, : cols * NOISE_TILE].reshape(channels, rows, blocks, 8, cols, blocks, 8)
+    return cut[:, :, :, 1:7, :, :, 1:7].sum(axis=(2, 3, 5, 6), dtype=np.float64).reshape(channels, -1)
 
 
 def effective_quality(quality: float, scale: float) -> float:
