@@ -120,7 +120,6 @@ def estimate_noise_sigma(image: np.ndarray) -> float:
     less than half their responses left). Per channel, averaged; 0 where no tile is left.
     """
     pixels = np.moveaxis(np.asarray(image, dtype=np.float32), 2, 0)  # C×H×W
-    channels, height, width = pixels.shape
     rows = pixels[:, :-2] - 2 * pixels[:, 1:-1] + pixels[:, 2:]
     response = np.zeros_like(pixels)
     response[:, 1:-1, 1:-1] = np.abs(rows[:, :, :-2] - 2 * rows[:, :, 1:-1] + rows[:, :, 2:])
