@@ -110,7 +110,7 @@ class TuneStage(Stage):
                 tile_geometry(network.arch, config.tile_size, self._overlap)
             except ValueError as error:
                 raise ValueError(f"tune.tile_size={config.tile_size} does not fit this model: {error}") from None
-        self._max_pixels = pixels_in_memory(network.arch, config.memory_fraction * _memory_at_hand(self._device))
+        self._max_pixels = pixels_in_memory(network.arch, config.memory_fraction * memory_at_hand(self._device))
         logger.info("tuner %s: up to %.1f MP per pass (%s)", self._model_id, self._max_pixels / 1e6, self._device)
         self._network = network.to(self._device)
         self._staging = HostStaging(self._device)
@@ -150,7 +150,7 @@ class TuneStage(Stage):
         return condition_vector(self._network.arch.conditions, float(batch["noise_sigma"][row]), plan.quality)
 
 
-def _memory_at_hand(device: torch.device) -> float:
+def memory_at_hand(device: torch.device) -> float:
     """Free device memory on a GPU; the host's available memory otherwise (bytes)."""
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])

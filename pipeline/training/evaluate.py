@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from PIL import Image
 from torch.nn import functional as F
 
 from pipeline.core import storage
-from pipeline.models.assess import conditions_for, equivalent_quality
+from pipeline.core.config import TuneConfig
+from pipeline.models.assess import conditions_for, equivalent_quality, estimate_noise_sigma
 from pipeline.models.degrade import gaussian_noise, jpeg_encode, to_uint8
-from pipeline.models.tuner import RestorationNet, restore_images
+from pipeline.models.tuner import RestorationNet, pixels_in_memory, restore_images
+from pipeline.stages.tune import memory_at_hand, plan_tuning
 from pipeline.training.metrics import psnr, ssim
 
 logger = logging.getLogger(__name__)
@@ -121,9 +124,17 @@ def evaluate(
             uint8_inputs = [to_uint8(x) for x in inputs]
             for name, make, grid in _baselines(cv2, condition):
                 methods[name] = _tuned_baseline(make, grid, cleans, uint8_inputs, tune_images)
-        rows.append({"condition": condition.kind, "level": condition.level, "label": condition.label, **methods})
+        skipped = sum(_skipped(x, quality) for x, quality in degraded)
+        row = {"condition": condition.kind, "level": condition.level, "label": condition.label, "skipped": skipped}
+        rows.append({**row, **methods})
         logger.info("%s: %s", condition.label, {k: round(v["psnr"], 2) for k, v in methods.items()})
     return {"images": len(images), "seed": seed, "protocol": __doc__.split("\n\n")[1].replace("\n", " "), "rows": rows}
+
+
+def _skipped(image: np.ndarray, quality: float | None) -> bool:
+    """Whether the tune stage, with its default thresholds, would pass this input through untouched."""
+    sigma = estimate_noise_sigma(image * 255.0)
+    return not plan_tuning(math.nan if quality is None else quality, 1.0, sigma, TuneConfig()).restore
 
 
 def _rng(seed: int, index: int, condition: Condition) -> np.random.Generator:
@@ -176,11 +187,13 @@ def _require_cv2():
 
 
 def format_markdown(table: dict, title: str = "") -> str:
-    """The evaluation as a Markdown table: PSNR (dB) / SSIM per condition and method."""
+    """The evaluation as a Markdown table: PSNR (dB) / SSIM per condition and method, the model's
+    gain over its input, and how many inputs the tune stage would skip (the model column is every
+    input forced through the network)."""
     methods = [m for m in ("input", "model", "nlm", "bilateral") if any(m in row for row in table["rows"])]
     lines = [f"{title}\n" if title else ""]
-    lines.append("| condition | " + " | ".join(methods) + " |")
-    lines.append("| --- |" + " --- |" * len(methods))
+    lines.append("| condition | " + " | ".join(methods) + " | model − input | skipped |")
+    lines.append("| --- |" + " --- |" * (len(methods) + 2))
     for row in table["rows"]:
         cells = []
         for method in methods:
@@ -190,7 +203,9 @@ def format_markdown(table: dict, title: str = "") -> str:
                 continue
             param = f" (h={result['param']:g})" if "param" in result and method == "nlm" else ""
             cells.append(f"{result['psnr']:.2f} / {result['ssim']:.4f}{param}")
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+        gain = "" if row["condition"] == "clean" else f"{row['model']['psnr'] - row['input']['psnr']:+.2f}"
+        skipped = f"{row['skipped']}/{table['images']}" if "skipped" in row else ""
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {gain} | {skipped} |")
     return "\n".join(lines).strip() + "\n"
 
 
@@ -203,21 +218,35 @@ def save_table(prefix: str, result: dict, markdown: str) -> None:
         handle.write(markdown)
 
 
-def measure_throughput(
-    model: RestorationNet, side: int = 1024, tile_size: int = 512, repeats: int = 3, batch_size: int = 4
-) -> dict[str, float]:
-    """CPU megapixels per second of the pipeline's own path (``restore_images``: uint8, tiled).
-
-    The overlap is the smallest the tune stage accepts for this model (its receptive radius).
+def measure_throughput(model: RestorationNet, side: int = 1024, repeats: int = 3) -> dict[str, float]:
+    """CPU megapixels per second of the tune stage's own path on a ``side``×(3/4·``side``) photo-shaped
+    image (``restore_images`` with tiles sized from the memory at hand: one pass where it fits), of
+    one plain whole-image forward pass, and of the fixed 512-px tiles the stage used to cut.
     """
     device = torch.device("cpu")
     model = model.to(device).eval()
-    image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    overlap = model.arch.receptive_radius + model.arch.receptive_radius % 2
+    image = np.random.default_rng(0).integers(0, 256, (side * 3 // 4, side, 3), dtype=np.uint8)
+    radius = model.arch.receptive_radius + model.arch.receptive_radius % 2
     conditions = [np.zeros(len(model.arch.conditions), dtype=np.float32)]
-    restore_images(model, [image], tile_size, overlap, batch_size, device, conditions=conditions)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        restore_images(model, [image], tile_size, overlap, batch_size, device, conditions=conditions)
-    seconds = (time.perf_counter() - start) / repeats
-    return {"megapixels_per_second": side * side / 1e6 / seconds, "side": side, "threads": torch.get_num_threads()}
+    budget = pixels_in_memory(model.arch, TuneConfig().memory_fraction * memory_at_hand(device))
+    paths = {
+        "stage": lambda: restore_images(
+            model, [image], None, radius, 1, device, conditions=conditions, max_pixels=budget
+        ),
+        "whole_image": lambda: run_model(model, image.astype(np.float32) / 255.0, device, None),
+        "tiles_512": lambda: restore_images(model, [image], 512, radius, 4, device, conditions=conditions),
+    }
+    rates = {}
+    for name, path in paths.items():
+        path()  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            path()
+        rates[name] = image.shape[0] * image.shape[1] / 1e6 / ((time.perf_counter() - start) / repeats)
+    return {
+        "megapixels_per_second": rates["stage"],
+        "whole_image_megapixels_per_second": rates["whole_image"],
+        "tiles_512_megapixels_per_second": rates["tiles_512"],
+        "shape": list(image.shape[:2]),
+        "threads": torch.get_num_threads(),
+    }

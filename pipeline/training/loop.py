@@ -113,6 +113,25 @@ def validate(model: RestorationNet, images: list[np.ndarray], device: torch.devi
     return metrics
 
 
+def training_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: list[torch.Tensor],
+    optim: OptimConfig,
+    conditioned: bool,
+) -> float:
+    """One optimiser step on a (degraded, clean, conditions) batch from ``PatchStream``; returns the loss."""
+    degraded, clean, values = batch
+    with torch.autocast(degraded.device.type, dtype=torch.bfloat16, enabled=degraded.device.type == "cuda"):
+        output = model(degraded, values if conditioned else None)
+    loss = restoration_loss(output.float(), clean, optim.loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
 def describe_device(device: torch.device) -> str:
     """The hardware in words, for the model card: GPU name, or CPU model, cores and torch threads."""
     if device.type == "cuda":
@@ -152,25 +171,17 @@ def train_loop(loop_config: dict) -> None:
         pin_memory=device.type == "cuda",
     )
     started, losses, reported = time.monotonic(), [], -1
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches = iter(loader)
     while True:
         seconds = state.seconds + time.monotonic() - started
         progress = _progress(state.step, seconds, config.optim, world, device)
         if progress >= 1.0:
             break
-        degraded, clean, values = (tensor.to(device, non_blocking=True) for tensor in next(batches))
         rate = learning_rate(progress, state.step, config.optim)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        with autocast:
-            output = model(degraded, values if conditions else None)
-        loss = restoration_loss(output.float(), clean, config.optim.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
+        batch = [tensor.to(device, non_blocking=True) for tensor in next(batches)]
+        losses.append(training_step(model, optimizer, batch, config.optim, bool(conditions)))
         state.step += 1
         state.segments[-1][1] = state.step
         if state.step % config.log_every == 0 and rank == 0:
