@@ -67,7 +67,7 @@ class TuneConfig:
     skip: bool = True  # images with nothing to restore pass through unchanged, without a network pass
     skip_quality: int = 90  # JPEG (effective) quality from which there is nothing to deblock
     skip_sigma: float = 2.0  # estimated noise below which there is nothing to denoise
-    deblock_max_scale: float = 3.0  # a JPEG shrunk more than this to the working size has no blocks left
+    deblock_max_scale: float = 3.0  # a JPEG shrunk more than this to the working size is not deblocked
 
     def validate(self) -> None:
         """Refuse tiling and skipping settings that cannot work, naming the setting."""

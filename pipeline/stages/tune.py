@@ -72,7 +72,7 @@ def plan_tuning(equivalent: float, scale: float, sigma: float, config: TuneConfi
     quality = None if math.isnan(equivalent) else effective_quality(equivalent, scale)
     found = []
     if quality is not None and scale > config.deblock_max_scale:
-        found.append(f"jpeg q{equivalent:.0f} shrunk {scale:.1f}x: no blocks left")
+        found.append(f"jpeg q{equivalent:.0f} shrunk {scale:.1f}x: too far to deblock")
         quality = None
     elif quality is not None:
         found.append(f"jpeg q{equivalent:.0f}" + (f" (q{quality:.0f} at the working size)" if scale > 1 else ""))
