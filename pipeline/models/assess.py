@@ -41,17 +41,17 @@ NOISE_PERCENTILE_BIAS = 0.9075
 SIGMA_SCALE = 50.0  # a noise map holds sigma / SIGMA_SCALE (sigma on the 0-255 scale)
 # How much of a JPEG's compression survives the shrink to the working size: per shrink factor
 # (rows) and stored quality (columns), the quality that, applied at the working size, costs the
-# same PSNR (measured on held-out photographs: see the README, "Tuner: skipping").
+# same PSNR (``pipeline.training.thresholds.measure_shrunk_quality``, mean over 13 photographs).
 SHRINK_FACTORS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 SHRINK_QUALITIES = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 SHRUNK_QUALITY = np.array(
     [
         [10, 20, 30, 40, 50, 60, 70, 80, 90, 100],
-        [13, 31, 52, 68, 76, 80, 86, 90, 95, 100],
-        [15, 38, 65, 77, 83, 86, 90, 93, 97, 100],
-        [17, 51, 76, 85, 89, 91, 94, 97, 100, 100],
-        [21, 68, 86, 92, 95, 96, 98, 100, 100, 100],
-        [23, 73, 88, 93, 96, 97, 100, 100, 100, 100],
+        [12, 27, 44, 58, 69, 75, 83, 90, 98, 100],
+        [15, 36, 55, 69, 77, 82, 88, 94, 99, 100],
+        [21, 48, 70, 80, 86, 90, 94, 97, 100, 100],
+        [32, 67, 85, 91, 94, 96, 98, 100, 100, 100],
+        [37, 75, 89, 94, 97, 98, 99, 100, 100, 100],
     ],
     dtype=np.float64,
 )

@@ -16,8 +16,8 @@ import math
 import numpy as np
 import torch
 
-from pipeline.models.assess import effective_quality, estimate_noise_sigma
-from pipeline.models.degrade import add_gaussian_noise, jpeg_encode
+from pipeline.models.assess import SHRINK_FACTORS, SHRINK_QUALITIES, effective_quality, estimate_noise_sigma
+from pipeline.models.degrade import add_gaussian_noise, jpeg_compress, jpeg_encode
 from pipeline.models.tuner import RestorationNet
 from pipeline.stages.decode import decode_image, downscale
 from pipeline.training.evaluate import run_model
@@ -148,3 +148,20 @@ def format_thresholds(result: dict) -> str:
         f"- so tune.skip_quality={result['skip_quality']}, tune.skip_sigma={result['skip_sigma']}, "
         f"tune.deblock_max_scale={result['deblock_max_scale']}\n"
     )
+
+
+def measure_shrunk_quality(images: list[np.ndarray]) -> dict[float, dict[int, float]]:
+    """For ``assess.SHRUNK_QUALITY``: per shrink factor and stored quality, the mean quality that,
+    applied at the working size, costs the same PSNR against the shrunk photograph (each image on its
+    own quality-to-PSNR curve)."""
+    reference = [*range(5, 100, 5), 97, 100]
+    found: dict[float, dict[int, list[float]]] = {s: {q: [] for q in SHRINK_QUALITIES[:-1]} for s in SHRINK_FACTORS[1:]}
+    for image in images:
+        for scale, by_quality in found.items():
+            side = round(max(image.shape[:2]) / scale)
+            truth = downscale(image.copy(), _size(image, side))
+            curve = [psnr(truth, jpeg_compress(truth, q)) for q in reference]
+            for quality, values in by_quality.items():
+                shrunk = decode_image(jpeg_encode(image, quality), side, 10**9).pixels
+                values.append(float(np.interp(psnr(truth, shrunk), curve, reference)))
+    return {s: {q: round(float(np.mean(v)), 1) for q, v in by_quality.items()} for s, by_quality in found.items()}

@@ -29,8 +29,8 @@ NAN = float("nan")
         (30.0, 1.0, 0.5, True, 30.0, "restored: jpeg q30, noise sigma 0.5"),
         (NAN, 1.0, 12.0, True, None, "restored: lossless, noise sigma 12.0"),
         (95.0, 1.0, 12.0, True, 95.0, "restored: jpeg q95, noise sigma 12.0"),
-        (30.0, 2.0, 0.5, True, effective_quality(30, 2.0), "restored: jpeg q30 (q76 at the working size)"),
-        (60.0, 2.0, 0.5, False, effective_quality(60, 2.0), "skipped: jpeg q60 (q91 at the working size)"),
+        (30.0, 2.0, 0.5, True, effective_quality(30, 2.0), "restored: jpeg q30 (q70 at the working size)"),
+        (60.0, 2.0, 0.5, False, effective_quality(60, 2.0), "skipped: jpeg q60 (q90 at the working size)"),
         (10.0, 4.0, 0.5, False, None, "skipped: jpeg q10 shrunk 4.0x: too far to deblock, noise sigma 0.5"),
     ],
 )
