@@ -10,7 +10,6 @@ pretrained weights where they are cached and RANDOM weights otherwise (the speed
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from pipeline.bench.suite import SECTIONS, BenchOptions, run_bench
@@ -47,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import configure_logging
+    from pipeline.cli import entrypoint
 
-    configure_logging()
-    sys.exit(main())
+    entrypoint("bench", main)

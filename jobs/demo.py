@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_rows(str(output_dir), limit=8))
     print(f"\noutput: {output_dir}  ({report.summary['rows']} rows, {report.summary['rows_ok']} ok)")
     print(f"run summary: {report.uri}")
-    query = f"SELECT id, status, generated_caption, clip_score FROM read_parquet('{output_dir}/dt=*/*.parquet')"
-    print(f'query it: {sys.executable} -c "import duckdb; duckdb.sql(\\"{query}\\").show()"')
+    table = f"deltalake.DeltaTable('{output_dir}').to_pyarrow_dataset()"
+    query = "SELECT id, status, generated_caption, clip_score FROM rows"
+    print(f'query it: {sys.executable} -c "import deltalake, duckdb; rows = {table}; duckdb.sql(\\"{query}\\").show()"')
     print(f'filter it: imagetune show {output_dir} --where "clip_score < 0.05"')
     page = save_report(build_report(str(output_dir), report.summary["run_id"]), str(workdir / "report.html"))
     print(f"report: {page}")
@@ -59,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import configure_logging
+    from pipeline.cli import entrypoint
 
-    configure_logging()
-    sys.exit(main())
+    entrypoint("demo", main)

@@ -11,7 +11,6 @@ writes it as JSON and Markdown; --write-card also records it in the model's card
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline.core.config import CHECKPOINT_CACHE, RANDOM
 from pipeline.stages.tune import load_tuner_model
@@ -80,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import configure_logging
+    from pipeline.cli import entrypoint
 
-    configure_logging()
-    sys.exit(main())
+    entrypoint("eval-tuner", main)

@@ -7,7 +7,6 @@ a changed shard's rows are replaced, never duplicated. With nothing new it finis
 from __future__ import annotations
 
 import json
-import sys
 
 from jobs.run import config_from, job_arguments, report
 from pipeline.runner.job import RunMode, run_batch_job
@@ -25,14 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     result = run_batch_job(config_from(args), args.run_id, mode)
     if mode.dry_run:
         print(json.dumps({"planned": result.summary["planned"], "unchanged": result.summary["shards_unchanged"]}))
-        return 0
     if not result.summary["shards_planned"]:
-        print(f"nothing new: all {result.summary['shards_listed']} shards are committed and unchanged")
-    return report(result)
+        print(f"nothing new: all {result.summary['shards_unchanged']} shards are committed and unchanged")
+    return 0 if mode.dry_run else report(result)
 
 
 if __name__ == "__main__":
-    from pipeline.cli import configure_logging
+    from pipeline.cli import entrypoint
 
-    configure_logging()
-    sys.exit(main())
+    entrypoint("refresh", main)

@@ -7,7 +7,6 @@ tuned images, the lowest-aligned pairs and the errors by reason, from bounded re
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline.report import build_report, save_report
 
@@ -24,7 +23,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import configure_logging
+    from pipeline.cli import entrypoint
 
-    configure_logging()
-    sys.exit(main())
+    entrypoint("report", main)

@@ -85,14 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
+# What the dashboard answers while the head's job agent is still starting (a cluster that just came up).
+AGENT_STARTING = ("No available agent", "Failed to get head node agent")
+
+
 def _submit(client, attempts: int = 24, wait_seconds: float = 5.0, **job) -> None:
-    """Submit, waiting out a head whose job agent is still starting (a cluster that just came up)."""
+    """Submit, waiting out a head whose job agent is still starting."""
     for attempt in range(attempts):
         try:
             client.submit_job(**job)
             return
         except RuntimeError as error:
-            if "No available agent" not in str(error) or attempt == attempts - 1:
+            if not any(text in str(error) for text in AGENT_STARTING) or attempt == attempts - 1:
                 raise
             time.sleep(wait_seconds)
 
@@ -103,7 +107,6 @@ async def _follow(client, job_id: str) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import configure_logging
+    from pipeline.cli import entrypoint
 
-    configure_logging()
-    sys.exit(main())
+    entrypoint("submit", main)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from pipeline.runner.execute import init_ray
+from pipeline.runner.cluster import init_ray
 from pipeline.training.config import load_train_config
 from pipeline.training.evaluate import format_markdown
 from pipeline.training.trainer import train_tuner
@@ -35,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import configure_logging
+    from pipeline.cli import entrypoint
 
-    configure_logging()
-    sys.exit(main())
+    entrypoint("train-tuner", main)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from pipeline.writers.lock import OutputLockedError
 
@@ -33,13 +35,23 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: imagetune COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     configure_logging()
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return run_command(argv[0], importlib.import_module(COMMANDS[argv[0]][0]).main, argv[1:])
+
+
+def run_command(name: str, job_main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """A job's exit code: its own, or 2 with one line (no traceback) for a problem of the whole run
+    (bad config, missing model or input, refused storage, a locked output)."""
     try:
-        return module.main(argv[1:])
+        return job_main(argv)
     except (ValueError, FileNotFoundError, PermissionError, OutputLockedError) as error:
-        # Whole-run problems (bad config, missing model or input): one clear line, no traceback.
-        print(f"imagetune {argv[0]}: error: {error}", file=sys.stderr)
+        print(f"imagetune {name}: error: {error}", file=sys.stderr)
         return 2
+
+
+def entrypoint(name: str, job_main: Callable[[list[str]], int]) -> NoReturn:
+    """``python -m jobs.<job>`` (what ``ray job submit`` runs): the console script's logs and exit codes."""
+    configure_logging()
+    sys.exit(run_command(name, job_main, sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """``imagetune show``: rows of an output as a readable table, optionally filtered by a SQL expression.
 
-DuckDB reads the Parquet (only the columns and row groups a query needs, and it stops at the
-limit). Object storage goes through the same fsspec filesystem as the rest of imagetune, registered
-with DuckDB, so no DuckDB extension has to be downloaded and the standard AWS settings apply.
+DuckDB queries the table's latest snapshot (the files its Delta log names, as a pyarrow dataset:
+only the columns and row groups a query needs, and it stops at the limit), so no DuckDB extension
+has to be downloaded and the standard AWS settings apply.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import duckdb
 
 from pipeline.core import storage
+from pipeline.writers.table import OutputSnapshot
 
 COLUMNS = {  # column → printed width
     "id": 34,
@@ -29,12 +30,8 @@ SELECTED = [*COLUMNS, "error_message"]
 
 
 def output_relation(connection: duckdb.DuckDBPyConnection, output: str) -> duckdb.DuckDBPyRelation:
-    """Every data file of ``output`` as one relation, with the ``dt`` partition as a column."""
-    fs, path = storage.filesystem(output)
-    if storage.is_remote(output):
-        connection.register_filesystem(fs)
-        path = storage.protocol_uri(fs, path)
-    return connection.read_parquet(f"{path}/dt=*/*.parquet", hive_partitioning=True)
+    """The rows of ``output``'s latest snapshot as one relation, with the ``dt`` partition as a column."""
+    return connection.from_arrow(OutputSnapshot.read(output).dataset())
 
 
 def select_rows(output: str, where: str | None = None, limit: int = 10) -> list[dict[str, object]]:

@@ -6,6 +6,7 @@ import io
 from contextlib import contextmanager
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import open_clip
 import pytest
@@ -16,8 +17,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline.bench.listing import moto_s3
+from pipeline.core import storage
 from pipeline.models.openclip import initialise_random_weights
 from pipeline.sample import SampleRecord, sample_records
+from pipeline.writers.layout import DATA_DIR
+from pipeline.writers.table import OutputSnapshot
 
 MODELS = Path(__file__).parent.parent / "pipeline" / "configs" / "models"
 TINY_CLIP = str(MODELS / "tiny-clip.json")
@@ -90,6 +94,23 @@ def sharpened_checkpoint(config: str, path: Path, seed: int, scale: float = 2.0)
                 parameter.mul_(scale)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def output_sql(output: str, sql: str) -> duckdb.DuckDBPyRelation:
+    """``sql`` with ``OUTPUT`` standing for the output's latest snapshot, read through its Delta log."""
+    connection = duckdb.connect()
+    connection.register("output_snapshot", OutputSnapshot.read(output).dataset())
+    return connection.sql(sql.replace("OUTPUT", "output_snapshot"))
+
+
+def glob_sql(output: str, sql: str) -> duckdb.DuckDBPyRelation:
+    """``sql`` with ``OUTPUT`` standing for a plain Parquet glob over the output's ``data/`` folder."""
+    connection = duckdb.connect()
+    fs, _ = storage.filesystem(output)
+    if storage.is_remote(output):
+        connection.register_filesystem(fs)
+    source = f"read_parquet('{storage.join(output, DATA_DIR)}/**/*.parquet', hive_partitioning=true)"
+    return connection.sql(sql.replace("OUTPUT", source))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -40,6 +40,8 @@ class FaultPlan:
     injected: Counter = field(default_factory=Counter)  # (method, kind) → count
     forwarded: Counter = field(default_factory=Counter)  # method → count
     access_keys: set[str] = field(default_factory=set)  # from SigV4 ``Credential=<key>/...``
+    # Faults for chosen requests: (method, path regex, kind) each fails the first request it matches.
+    scripted: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
@@ -49,8 +51,12 @@ class FaultPlan:
         """The fault for this request, or ``None`` to forward it."""
         bucket = path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
         with self._lock:
+            script = next((s for s in self.scripted if s[0] == method and re.search(s[1], path)), None)
             if bucket in self.denied_buckets:
                 fault = (403, "AccessDenied", "Access Denied")
+            elif script:
+                self.scripted.remove(script)
+                fault = next(f for f in TRANSIENT if f[1] == script[2])
             elif self._random.random() < self.rate:
                 fault = self._random.choice(TRANSIENT)
             else:

@@ -1,18 +1,16 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-import duckdb
 import numpy as np
 import pytest
 
 from pipeline.cli import main
 from pipeline.core.batch import object_column
-from pipeline.readers.plan import output_name
+from pipeline.readers.plan import Shard, ShardMember, output_name
 from pipeline.show import format_rows, select_rows
-from pipeline.writers.parquet import StagedPartWriter, finalize_shard
-from tests.conftest import BUCKET
+from pipeline.writers.table import OutputTable
+from tests.conftest import BUCKET, glob_sql
 from tests.writers.test_parquet import _batch
+from tests.writers.test_table import write_batch
 
 PREDICATES = [
     "clip_score < 0.2",
@@ -24,11 +22,11 @@ PREDICATES = [
 
 
 def _write(output: str, day: str, batch: dict[str, np.ndarray]) -> None:
-    """Rows as a run commits them: staged parts, then one final file in the day's partition."""
-    parts = StagedPartWriter(f"{output}/_staging", "run", datetime.now(UTC))(batch)["part_uri"]
-    finalize_shard(
-        [str(uri) for uri in parts], f"{output}/dt={day}/{output_name(batch['source_shard'][0])}-run.parquet"
-    )
+    """Rows as a run commits them: staged parts, one final file in the day's partition, a commit."""
+    shard_id = str(batch["source_shard"][0])
+    shard = Shard(shard_id, "tar", (ShardMember(f"s3://in/{shard_id}", 1, "v"),))
+    with OutputTable.open(output, f"run-{day}-{output_name(shard_id)[-10:]}", day) as table:
+        table.commit([write_batch(table, shard, batch)])
 
 
 def test_show_prints_ok_and_error_rows_with_long_ids_cut_from_the_left(tmp_path):
@@ -65,11 +63,7 @@ def s3_output(s3):
 
 @pytest.mark.parametrize("predicate", PREDICATES)
 def test_show_where_returns_exactly_the_rows_duckdb_selects(s3, s3_output, predicate):
-    connection = duckdb.connect()
-    connection.register_filesystem(s3)
-    expected = connection.sql(
-        f"SELECT id FROM read_parquet('{s3_output}/dt=*/*.parquet', hive_partitioning=true) WHERE {predicate}"
-    ).fetchall()
+    expected = glob_sql(s3_output, f"SELECT id FROM OUTPUT WHERE {predicate}").fetchall()
     rows = select_rows(s3_output, where=predicate, limit=1000)
     assert 0 < len(expected) < 60
     assert {row["id"] for row in rows} == {row[0] for row in expected}

@@ -12,15 +12,14 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import pyarrow.dataset as ds
 import ray
 
 from pipeline.bench.memory import ProcessTreeMemory
 from pipeline.bench.report import Timing
 from pipeline.core.config import JobConfig
 from pipeline.runner.job import run_batch_job
+from pipeline.writers.table import OutputSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +56,6 @@ def run_pipeline(config: JobConfig, name: str, ray_cpus: int | None = None) -> P
 
 
 def read_captions(output: str) -> dict[str, str]:
-    """``id → generated_caption`` from a run's Parquet output."""
-    table = ds.dataset(Path(output), format="parquet", partitioning="hive").to_table(
-        columns=["id", "generated_caption"]
-    )
+    """``id → generated_caption`` from a run's output table."""
+    table = OutputSnapshot.read(output).dataset().to_table(columns=["id", "generated_caption"])
     return dict(zip(table.column("id").to_pylist(), table.column("generated_caption").to_pylist(), strict=True))

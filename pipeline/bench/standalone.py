@@ -150,7 +150,7 @@ def time_write(config: JobConfig, batches: list[Batch], output: Path) -> Timing:
     parts: dict[str, list[str]] = defaultdict(list)
     for batch in batches:
         meta = writer(batch)
-        for shard_id, uri in zip(meta["shard_id"], meta["part_uri"], strict=True):
+        for shard_id, uri in zip(meta["shard_id"], meta["uri"], strict=True):
             parts[shard_id].append(uri)
     for shard_id, uris in parts.items():
         target = output / f"{shard_id}.parquet"

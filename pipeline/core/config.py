@@ -30,9 +30,12 @@ _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 class ReadConfig:
     """How shards are recognised and turned into records."""
 
-    image_column: str = "image"
-    caption_column: str | None = "caption"
-    files_per_shard: int = 1000
+    image_column: str = "image"  # Parquet inputs: the column of encoded image bytes
+    caption_column: str | None = "caption"  # Parquet inputs (and the key read from WebDataset .json)
+    # fnmatch patterns on paths under the input (case-sensitive; * crosses /), e.g. ['*.parquet']
+    include: list[str] = field(default_factory=list)  # empty: every file
+    exclude: list[str] = field(default_factory=list)
+    files_per_shard: int = 1000  # plain files: how many files of one directory make a shard, on average
     batch_rows: int = 64
     # A record larger than this is an error row, never read into memory: a compressed tar can
     # declare a member of any size in a few bytes.
@@ -43,8 +46,8 @@ class ReadConfig:
 class DecodeConfig:
     """Decode and resize to the working resolution (CPU tasks)."""
 
-    max_side: int = 1024
-    max_pixels: int = 178_956_970
+    max_side: int = 1024  # working resolution: longer side, aspect kept, never upscaled
+    max_pixels: int = 178_956_970  # refuse images that declare more pixels (decompression bombs)
     jpeg_draft: bool = True  # DCT-domain downscaling of large JPEGs while decoding
     num_cpus: float = 1.0
 
@@ -59,7 +62,7 @@ class TuneConfig:
     explicit and labelled.
     """
 
-    model: str | None = "default"
+    model: str | None = "default"  # a checkpoint file or directory (any URI), `default` (packaged) or `random`
     tile_size: int | None = None  # None: whole images where they fit in memory_fraction, else the largest tiles that do
     tile_overlap: int | None = None  # None: the model's receptive radius (tiles agree with the whole image)
     batch_size: int = 8
@@ -93,10 +96,10 @@ class CaptionConfig:
 
     enabled: bool = True
     model: str = "coca_ViT-B-32"
-    pretrained: str = "mscoco_finetuned_laion2b_s13b_b90k"
-    batch_size: int = 16
+    pretrained: str = "mscoco_finetuned_laion2b_s13b_b90k"  # a tag, a .safetensors path, an s3:// URI, or `random`
+    batch_size: int = 64  # images per generate call: with 6 beams, 384 sequences decoded together on a GPU
     seq_len: int = 30
-    generation_type: Literal["beam_search", "top_k", "top_p"] = "beam_search"
+    generation_type: Literal["beam_search", "top_k", "top_p"] = "beam_search"  # top_k: greedy with top_k=1
     num_beams: int = 6
     num_beam_groups: int = 3
     min_seq_len: int = 5
@@ -122,7 +125,7 @@ class ClipConfig:
 
     model: str = "ViT-B-32"
     pretrained: str = "laion2b_s34b_b79k"
-    batch_size: int = 64
+    batch_size: int = 256  # images per forward: ViT-B/32 needs a few hundred to keep a GPU busy
     store_embedding: bool = True
     allow_pickle: bool = False
 
@@ -137,44 +140,60 @@ class EncodeConfig:
 
 @dataclass
 class WriteConfig:
-    """Parquet layout."""
+    """Parquet layout, and how long replaced files outlive the commit that replaced them.
+
+    ``vacuum_grace_seconds``: a table-aware query that planned on an older snapshot may still read a
+    replaced shard's old file; it is deleted this long after the last commit that removed files (the
+    run waits for it before ending, so a glob over ``data/`` at rest holds exactly the table).
+    """
 
     row_group_rows: int = 1024
     compression: str = "zstd"
     batch_rows: int = 256
+    commit_interval_seconds: float = 2.0  # shards whose files are written are committed together at most this often
+    vacuum_grace_seconds: float = 60.0  # replaced files are deleted this long after the commit that replaced them
 
 
 @dataclass
 class RunnerConfig:
-    """Ray engine knobs.
+    """Ray engine knobs. Pools are sized from these, never from what the cluster holds at start.
 
-    ``model_pools="fused"`` runs tune, caption and score in one actor per GPU (or per ``model_num_cpus``
-    on CPU-only clusters): no object-store hop between models and no way to deadlock on GPU count.
-    ``"separate"`` gives each model stage its own pool; their GPU fractions must fit the cluster.
+    ``accelerator``: ``gpu`` model actors reserve ``model_num_gpus`` each and the run fails (before
+    reading data) if no GPU node comes within ``gpu_wait_seconds``; ``cpu`` runs the models on CPU;
+    ``auto`` is ``gpu`` on a cluster and on a local Ray with a GPU, ``cpu`` (said in the log) on a
+    local Ray without one. ``model_pools="fused"`` runs tune, caption and score in one actor per GPU:
+    no object-store hop between models and no way to deadlock on GPU count; ``"separate"`` gives each
+    model stage its own pool with fractional GPUs. Ray Data grows each pool from ``model_min_actors``
+    up to ``model_max_actors`` (``null``: no cap, as far as the autoscaler adds nodes).
     """
 
-    address: str | None = None
-    model_pools: Literal["fused", "separate"] = "fused"
-    model_num_gpus: float | None = None
+    address: str | None = None  # null: RAY_ADDRESS inside `ray job submit`, else a local Ray
+    accelerator: Literal["auto", "gpu", "cpu"] = "auto"  # auto: gpu on a cluster or a local Ray with one, else cpu
+    gpu_wait_seconds: float = 900.0  # how long a gpu run waits for a GPU node before failing
+    cuda_required: bool = True  # a GPU actor whose torch sees no CUDA fails; false only where GPUs are fake
+    model_pools: Literal["fused", "separate"] = "fused"  # fused: tune, caption and score in one actor per GPU
+    model_num_gpus: float = 1.0  # per fused model actor (accelerator gpu)
     model_num_cpus: float = 1.0
-    model_memory_gb: float = 4.0
+    model_memory_gb: float = 4.0  # reserved per model actor; 0 reserves none
     model_min_actors: int = 1
-    model_max_actors: int | None = None
-    model_batch_rows: int = 64
+    model_max_actors: int | None = None  # null: no cap (Ray Data grows the pool while nodes join)
+    model_batch_rows: int = 256  # rows per model actor call (each model splits them into its own batches)
     tune_num_gpus: float = 0.25
     caption_num_gpus: float = 0.5
     clip_num_gpus: float = 0.25
-    progress_bars: bool | None = None
-    lock_ttl_seconds: float = 600.0
-    checkpoint_cache: str = CHECKPOINT_CACHE
+    finalize_num_cpus: float = 1.0  # per finalize task (one per shard, on a worker)
+    finalize_max_in_flight: int = 128  # finalize tasks running at once
+    progress_bars: bool | None = None  # null: when stderr is a terminal
+    lock_ttl_seconds: float = 600.0  # a lease not renewed for this long may be taken over
+    checkpoint_cache: str = CHECKPOINT_CACHE  # per node, for checkpoints fetched from object storage
 
 
 @dataclass
 class JobConfig:
     """Everything one pipeline run needs."""
 
-    input: str
-    output: str
+    input: str  # WebDataset tars, Parquet, or plain image files under a prefix
+    output: str  # a Delta Lake table: data/dt=YYYY-MM-DD/*.parquet, _delta_log/, _imagetune/
     read: ReadConfig = field(default_factory=ReadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -196,8 +215,15 @@ class JobConfig:
         self.tune.validate()
         if not 1 <= self.encode.quality <= 100:
             raise ValueError(f"encode.quality={self.encode.quality} must be within 1..100")
-        if self.runner.model_memory_gb <= 0:
-            raise ValueError(f"runner.model_memory_gb={self.runner.model_memory_gb} must be positive")
+        if self.runner.model_memory_gb < 0:
+            raise ValueError(f"runner.model_memory_gb={self.runner.model_memory_gb} must be 0 (no reservation) or more")
+        if self.runner.model_max_actors is not None and self.runner.model_max_actors < self.runner.model_min_actors:
+            raise ValueError(
+                f"runner.model_max_actors={self.runner.model_max_actors} is below "
+                f"runner.model_min_actors={self.runner.model_min_actors}"
+            )
+        if self.runner.model_min_actors < 1 or self.runner.finalize_max_in_flight < 1:
+            raise ValueError("runner.model_min_actors and runner.finalize_max_in_flight must be at least 1")
         if self.caption.seq_len <= self.caption.min_seq_len:
             raise ValueError(
                 f"caption.seq_len={self.caption.seq_len} must exceed caption.min_seq_len={self.caption.min_seq_len}"
@@ -240,12 +266,21 @@ def build_config(cls: type[ConfigT], path: str | Path | None, overrides: list[st
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        _set_path(data, key.split("."), yaml.safe_load(raw))
+        _set_path(data, key.split("."), _override_value(raw))
     config = _build(cls, data, "")
     config.validate()
     # Relative local paths mean the same directory to the driver and to every worker.
     config.input, config.output = absolute(config.input), absolute(config.output)
     return config
+
+
+def _override_value(raw: str) -> Any:
+    """A ``--set`` value as YAML reads it; text YAML cannot read (``*.parquet`` starts an alias) as is,
+    so the key's type check names the key and the fix."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def absolute(uri: str) -> str:
@@ -297,6 +332,11 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             except ValueError as error:
                 errors.append(str(error))
         raise ValueError("; ".join(errors))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{name}={value!r} must be a list, e.g. {name}=['*.parquet']")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:

@@ -6,15 +6,20 @@ S3 goes through s3fs/botocore, which read the standard AWS environment (credenti
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 from fsspec.core import url_to_fs
 
 # Non-secret settings forwarded to Ray workers of a remote cluster. Credentials are not forwarded:
@@ -48,7 +53,12 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     options: dict[str, Any] = {"use_listings_cache": False} if protocol in OBJECT_STORES else {}
     if protocol in ("s3", "s3a") and not RETRY_ENV_VARS & os.environ.keys():
-        options["config_kwargs"] = {"retries": S3_RETRIES}
+        options["config_kwargs"] = {"retries": dict(S3_RETRIES)}  # botocore consumes the keys of its copy
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if protocol in ("s3", "s3a") and endpoint:
+        # Explicit, so that fsspec's cache of filesystems keys on it: a cached client would keep
+        # talking to the endpoint it was made for after the environment names another one.
+        options["endpoint_url"] = endpoint
     fs, path = url_to_fs(uri, **options)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
@@ -81,16 +91,29 @@ def write_json(uri: str, payload: Any) -> None:
 
     One PUT on object storage; a temporary file and a rename on local filesystems.
     """
+    write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one small object whole (one PUT; a temporary and a rename locally)."""
     fs, path = filesystem(uri)
     ensure_parent(fs, path)
-    data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
     if _is_local(fs):
         temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
+        Path(temporary).write_bytes(data)
         os.replace(temporary, path)
     else:
         fs.pipe_file(path, data)
+
+
+def remove(uri: str, missing_ok: bool = False) -> None:
+    """Delete one file or object."""
+    fs, path = filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
 
 
 def ensure_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -163,3 +186,122 @@ def _link_exclusive(path: str, data: bytes) -> None:
         os.link(temporary, path)
     finally:
         os.remove(temporary)
+
+
+class ConflictError(RuntimeError):
+    """A conditional write or delete found the object changed (or gone) since it was read."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes and the version a conditional write compares against (ETag, or a digest locally)."""
+
+    data: bytes
+    version: str
+
+
+def read_versioned(uri: str) -> Versioned | None:
+    """The object and its version, or ``None`` if it does not exist."""
+    fs, path = filesystem(uri)
+    if _is_s3(fs):
+        try:
+            return fsspec.asyn.sync(fs.loop, _s3_get, fs, path)
+        except FileNotFoundError:
+            return None
+    if _is_local(fs):
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return None
+        return Versioned(data, hashlib.sha256(data).hexdigest())
+    raise NotImplementedError(f"conditional writes are implemented for s3:// and local paths, not {redact_uri(uri)}")
+
+
+def replace_if(uri: str, data: bytes, version: str) -> str:
+    """Overwrite ``uri`` with ``data`` only if it is still at ``version``; returns the new version.
+
+    S3 compares in the store (``If-Match``); a local path compares under an exclusive ``flock`` of a
+    sidecar lock file, which every writer of this machine takes (local outputs are one machine's).
+    """
+    fs, path = filesystem(uri)
+    if _is_s3(fs):
+        bucket, key, _ = fs.split_path(path)
+        try:
+            return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
+        except OSError as error:
+            raise _conflict(uri, error) from error
+    with _local_guard(path):
+        current = read_versioned(uri)
+        if current is None or current.version != version:
+            raise ConflictError(f"{uri} changed since it was read")
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        Path(temporary).write_bytes(data)
+        os.replace(temporary, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def delete_if(uri: str, version: str) -> None:
+    """Delete ``uri`` only if it is still at ``version``."""
+    fs, path = filesystem(uri)
+    if _is_s3(fs):
+        bucket, key, _ = fs.split_path(path)
+        try:
+            fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+        except OSError as error:
+            raise _conflict(uri, error) from error
+        return
+    with _local_guard(path):
+        current = read_versioned(uri)
+        if current is None or current.version != version:
+            raise ConflictError(f"{uri} changed since it was read")
+        os.remove(path)
+
+
+async def _s3_get(fs, path: str) -> Versioned:
+    """One GET: the bytes and the ETag of the same version (a HEAD then a GET could see two)."""
+    bucket, key, _ = fs.split_path(path)
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    async with response["Body"] as body:
+        return Versioned(await body.read(), response["ETag"])
+
+
+def _conflict(uri: str, error: OSError) -> Exception:
+    refused = any(text in str(error) for text in ("PreconditionFailed", "412", "pre-conditions you specified"))
+    if refused or isinstance(error, FileNotFoundError):
+        return ConflictError(f"{redact_uri(uri)} changed since it was read")
+    return error
+
+
+@contextmanager
+def _local_guard(path: str) -> Iterator[None]:
+    with open(f"{path}.guard", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return bool({"s3", "s3a"} & set(protocols))
+
+
+def delta_options(uri: str) -> dict[str, str]:
+    """``storage_options`` for delta-rs (Rust ``object_store``), from the same environment as s3fs.
+
+    object_store reads the AWS credential chain itself (and retries transient errors: 10 attempts
+    within 3 minutes by default); it needs the endpoint, and plain HTTP allowed for an ``http://``
+    endpoint (moto, MinIO), and the region.
+    """
+    if not uri.startswith(("s3://", "s3a://")):
+        return {}
+    options: dict[str, str] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        options["AWS_ALLOW_HTTP"] = str(endpoint.startswith("http://")).lower()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["AWS_REGION"] = region
+    return options

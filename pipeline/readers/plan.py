@@ -7,11 +7,12 @@ open the exact objects the plan names.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import re
-from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from pipeline.core import storage
@@ -19,7 +20,11 @@ from pipeline.core import storage
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+# What webdataset's TarWriter writes (it compresses a name ending in gz, bz2 or xz); the reader opens
+# any of them, whatever the name says. ``.tar.gzip`` is not one: TarWriter writes it uncompressed.
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 MAX_GROUP_FACTOR = 4  # a group of plain files holds at most this many times ``files_per_shard``
+FILE_GROUP = "@files-"  # a plain-file group's id: ``<directory>/@files-<its first file's name>``
 ShardKind = Literal["tar", "parquet", "files"]
 
 
@@ -83,11 +88,28 @@ def output_name(shard_id: str) -> str:
     return f"{safe}-{hashlib.sha1(shard_id.encode()).hexdigest()[:10]}"
 
 
-def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
-    """List ``input_uri`` and group what is there into shards, sorted by ``shard_id``.
+@dataclass
+class InputPlan:
+    """The shards of an input, and what the listing held that is not in them, counted by reason."""
 
-    Raises ``FileNotFoundError`` when the prefix holds nothing: an empty input is almost always a
-    wrong path, and a silent zero-row run would hide it.
+    shards: list[Shard]
+    skipped: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
+    """List ``input_uri`` and group what is there into shards, sorted by ``shard_id``."""
+    return plan_input(input_uri, files_per_shard).shards
+
+
+def plan_input(
+    input_uri: str, files_per_shard: int = 1000, include: list[str] | None = None, exclude: list[str] | None = None
+) -> InputPlan:
+    """List ``input_uri`` and group what is there into shards; count and log every file left out.
+
+    ``include``/``exclude`` are ``fnmatch`` patterns, case-sensitive, on the path relative to the
+    input (``*`` crosses ``/``); a caption sidecar follows its image. Raises ``FileNotFoundError``
+    when no shard is left: an empty input is almost always a wrong path, and a silent zero-row run
+    would hide it.
     """
     fs, root = storage.filesystem(input_uri)
     with storage.errors_naming(input_uri, "list input"):
@@ -99,17 +121,24 @@ def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
     shards: list[Shard] = []
     image_files: dict[str, list[ShardMember]] = defaultdict(list)
     sidecars = {path.rsplit(".", 1)[0]: path for path in listing if path.lower().endswith(".txt")}
-    hidden = 0
+    images = {path.rsplit(".", 1)[0] for path in listing if _extension(path) in IMAGE_EXTENSIONS}
+    hidden = excluded = 0
+    unrecognised: Counter[str] = Counter()
     for path, info in sorted(listing.items()):
         relative = path[len(root) :].lstrip("/") if path.startswith(root) else path
         *directories, name = relative.split("/")
-        extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        extension = _extension(name)
         if _hidden(directories, name, extension):
             hidden += 1
             continue
-        member = ShardMember(storage.protocol_uri(fs, path), int(info.get("size") or 0), _version(info))
         stem = path.rsplit(".", 1)[0]
-        if extension == "tar":
+        if extension == "txt" and stem in images:
+            continue  # a caption sidecar: it follows its image
+        if not _selected(relative, include or [], exclude or []):
+            excluded += 1
+            continue
+        member = ShardMember(storage.protocol_uri(fs, path), int(info.get("size") or 0), _version(info))
+        if name.lower().endswith(TAR_SUFFIXES):
             shards.append(Shard(relative, "tar", (member,)))
         elif extension == "parquet":
             shards.append(Shard(relative, "parquet", (member,)))
@@ -119,17 +148,54 @@ def plan_shards(input_uri: str, files_per_shard: int = 1000) -> list[Shard]:
                 version = f"{int(listing[sidecar].get('size') or 0)}:{_version(listing[sidecar])}"
                 member = replace(member, caption_uri=storage.protocol_uri(fs, sidecar), caption_version=version)
             image_files[relative.rpartition("/")[0]].append(member)
+        else:
+            unrecognised[f".{extension}" if extension else "(no extension)"] += 1
     for directory, members in image_files.items():
         for group in group_files(members, files_per_shard):
-            shard_id = f"{directory}/@files-{_name(group[0])}".lstrip("/")
+            shard_id = f"{directory}/{FILE_GROUP}{member_name(group[0])}".lstrip("/")
             shards.append(Shard(shard_id, "files", group))
-    if hidden:
-        logger.info("planning skipped %d hidden or bookkeeping files (names or folders starting with . or _)", hidden)
+    skipped = _log_skipped(hidden, excluded, unrecognised)
     if not shards:
         raise FileNotFoundError(
-            f"no shards under {storage.redact_uri(input_uri)}: expected .tar, .parquet or image files"
+            f"no shards under {storage.redact_uri(input_uri)}: expected .tar (.tar.gz, .tgz), .parquet or image "
+            f"files{_describe(skipped)}"
         )
-    return sorted(shards, key=lambda s: s.shard_id)
+    return InputPlan(sorted(shards, key=lambda s: s.shard_id), skipped)
+
+
+def _extension(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
+
+
+def _selected(relative: str, include: list[str], exclude: list[str]) -> bool:
+    if include and not any(fnmatch.fnmatchcase(relative, pattern) for pattern in include):
+        return False
+    return not any(fnmatch.fnmatchcase(relative, pattern) for pattern in exclude)
+
+
+def _log_skipped(hidden: int, excluded: int, unrecognised: Counter[str]) -> dict[str, Any]:
+    """Log each kind of file the plan leaves out, once, and return the counts for the run summary."""
+    if hidden:
+        logger.info("planning skipped %d hidden or bookkeeping files (names or folders starting with . or _)", hidden)
+    if excluded:
+        logger.info("planning skipped %d files by read.include / read.exclude", excluded)
+    if unrecognised:
+        kinds = ", ".join(f"{extension} ×{n}" for extension, n in sorted(unrecognised.items()))
+        logger.info("planning skipped %d files with unrecognised extensions: %s", unrecognised.total(), kinds)
+    skipped: dict[str, Any] = {
+        "hidden": hidden,
+        "excluded": excluded,
+        "unrecognised": dict(sorted(unrecognised.items())),
+    }
+    return {key: value for key, value in skipped.items() if value}
+
+
+def _describe(skipped: dict[str, Any]) -> str:
+    if not skipped:
+        return ""
+    parts = [f"{n} {reason}" for reason, n in skipped.items() if reason != "unrecognised"]
+    parts += [f"{n} {extension}" for extension, n in skipped.get("unrecognised", {}).items()]
+    return f" (skipped: {', '.join(parts)})"
 
 
 def _hidden(directories: list[str], name: str, extension: str) -> bool:
@@ -139,6 +205,14 @@ def _hidden(directories: list[str], name: str, extension: str) -> bool:
     if any(part.startswith((".", "_")) for part in directories) or name.startswith("."):
         return True
     return name.startswith("_") and extension not in IMAGE_EXTENSIONS
+
+
+def file_group(shard_id: str) -> tuple[str, str] | None:
+    """``(directory, first file name)`` of a plain-file group's id; ``None`` for other shards."""
+    directory, marker, first = shard_id.rpartition(FILE_GROUP)
+    if not marker or "/" in first or (directory and not directory.endswith("/")):
+        return None
+    return directory.rstrip("/"), first
 
 
 def group_files(members: list[ShardMember], files_per_shard: int) -> list[tuple[ShardMember, ...]]:
@@ -154,7 +228,7 @@ def group_files(members: list[ShardMember], files_per_shard: int) -> list[tuple[
     groups: list[list[ShardMember]] = []
     for member in members:
         full = bool(groups) and len(groups[-1]) >= MAX_GROUP_FACTOR * files_per_shard
-        if not groups or full or _starts_group(_name(member), files_per_shard):
+        if not groups or full or _starts_group(member_name(member), files_per_shard):
             groups.append([])
         groups[-1].append(member)
     return [tuple(group) for group in groups]
@@ -164,7 +238,8 @@ def _starts_group(name: str, files_per_shard: int) -> bool:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % files_per_shard == 0
 
 
-def _name(member: ShardMember) -> str:
+def member_name(member: ShardMember) -> str:
+    """The file name of a member (a plain file's record key)."""
     return member.uri.rsplit("/", 1)[-1]
 
 

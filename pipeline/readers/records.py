@@ -4,17 +4,26 @@ Readers hand raw bytes on; decoding happens in its own stage, so one corrupt ima
 shard. Each row carries its ordinal within the shard (``_ordinal``) and the last batch carries the
 shard's record count (``_shard_total``, ``-1`` on the others): the driver commits a shard once it has
 seen every ordinal written, which stays right even if Ray re-executes a task and repeats rows.
+
+The record count is what the input holds, counted by the reader apart from how it assembles records
+(:class:`InputCount`): a tar's image members, a Parquet file's rows by its footer, a group's files.
+A reader that makes fewer or more rows than that leaves the count unmatched, and the driver never
+commits the shard, so a grouping mistake cannot balance the accounting.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.core.batch import ERROR, MAX_ERROR_CHARS, OK, Batch, object_column
 from pipeline.readers.plan import Shard
+
+logger = logging.getLogger(__name__)
 
 READ_STAGE = "read"
 
@@ -28,6 +37,25 @@ class Record:
     image_bytes: bytes = b""
     caption: str | None = None
     error: str = ""
+
+
+@dataclass
+class InputCount:
+    """How many rows a shard must give, counted from the input rather than from the records made of it.
+
+    ``members`` is what the input holds (a tar's image members, a Parquet file's rows by its footer,
+    a group's files); ``None`` leaves the count to the records made. ``unmatched`` counts the rows a
+    reader adds that stand for no member (a tar sample without an image). After a read error the
+    shard's last row stands for everything not read, so the count is the rows made.
+    """
+
+    members: int | None = None
+    unmatched: int = 0
+    unreadable: bool = False
+    others: Counter[str] = field(default_factory=Counter)  # members that are neither image nor caption
+
+    def expected(self, made: int) -> int:
+        return made if self.members is None or self.unreadable else self.members + self.unmatched
 
 
 def record_id(shard_id: str, key: str) -> str:
@@ -46,14 +74,14 @@ def decode_caption(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace").strip()
 
 
-def batch_records(records: Iterable[Record], shard: Shard, batch_rows: int) -> Iterator[Batch]:
-    """Group records into batches; only the last batch carries the shard's total."""
+def batch_records(records: Iterable[Record], shard: Shard, batch_rows: int, count: InputCount) -> Iterator[Batch]:
+    """Group records into batches; only the last batch carries the shard's total, from ``count``."""
     buffer: list[Record] = []
-    count = 0
+    made = 0
     seen: dict[str, int] = {}
     for record in records:
         if len(buffer) == batch_rows:
-            yield _to_batch(buffer, shard, first=count - len(buffer), total=-1)
+            yield _to_batch(buffer, shard, first=made - len(buffer), total=-1)
             buffer = []
         occurrences = seen.get(record.key, 0)
         seen[record.key] = occurrences + 1
@@ -64,9 +92,24 @@ def batch_records(records: Iterable[Record], shard: Shard, batch_rows: int) -> I
                 error=f"duplicate key {record.key!r} in shard (occurrence {occurrences + 1})",
             )
         buffer.append(record)
-        count += 1
+        made += 1
+    total = count.expected(made)
+    if count.others:
+        others = ", ".join(f".{ext or '(none)'} ×{n}" for ext, n in sorted(count.others.items()))
+        logger.debug("shard %s: %d members neither image nor caption: %s", shard.shard_id, count.others.total(), others)
+    if total != made:
+        logger.error(
+            "shard %s: the input holds %d records but the reader made %d rows of them; the shard stays "
+            "uncommitted (a reader's grouping error, never the data's)",
+            shard.shard_id,
+            total,
+            made,
+        )
+        if not buffer:  # only a row can carry the total to the driver; it stands for no member
+            buffer.append(shard_error(shard, f"the reader made no row of the {total} records the shard holds"))
+            made, total = made + 1, total + 1
     if buffer:
-        yield _to_batch(buffer, shard, first=count - len(buffer), total=count)
+        yield _to_batch(buffer, shard, first=made - len(buffer), total=total)
 
 
 def _to_batch(records: list[Record], shard: Shard, first: int, total: int) -> Batch:

@@ -2,127 +2,49 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
 from pipeline.core import storage
 from pipeline.core.batch import Batch
 from pipeline.core.config import ReadConfig
-from pipeline.readers.plan import IMAGE_EXTENSIONS, Shard
-from pipeline.readers.records import Record, batch_records, decode_caption, shard_error
+from pipeline.readers.plan import Shard
+from pipeline.readers.records import InputCount, Record, batch_records, decode_caption, shard_error
+from pipeline.readers.tars import TooLarge, tar_records
 
 logger = logging.getLogger(__name__)
-
-# WebDataset's key/extension split: the key is the member path up to the first dot of its basename.
-_KEY_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 def read_shard(shard: Shard, config: ReadConfig) -> Iterator[Batch]:
     """Batches of records for ``shard``; never raises for bad content, which becomes error rows."""
-    readers = {"tar": _tar_records, "parquet": _parquet_records, "files": _file_records}
-    return batch_records(_guarded(readers[shard.kind](shard, config), shard), shard, config.batch_rows)
+    readers = {"tar": tar_records, "parquet": _parquet_records, "files": _file_records}
+    count = InputCount()
+    records = _guarded(readers[shard.kind](shard, config, count), shard, count)
+    return batch_records(records, shard, config.batch_rows, count)
 
 
-@dataclass(frozen=True)
-class TooLarge:
-    """A member over ``read.max_record_bytes``, by its declared size; its bytes are never read."""
-
-    size: int
-
-    def message(self, config: ReadConfig) -> str:
-        return f"record of {self.size} bytes is over read.max_record_bytes={config.max_record_bytes}"
-
-
-def _guarded(records: Iterator[Record], shard: Shard) -> Iterator[Record]:
+def _guarded(records: Iterator[Record], shard: Shard, count: InputCount) -> Iterator[Record]:
     """Keep the records read before a failure and account for the rest with one error row."""
-    count = 0
+    made = 0
     try:
         for record in records:
-            count += 1
+            made += 1
             yield record
     except Exception as error:
-        logger.warning("shard %s failed after %d records: %s", shard.shard_id, count, error)
-        prefix = f"shard unreadable after {count} records: " if count else "shard unreadable: "
+        count.unreadable = True
+        logger.warning("shard %s failed after %d records: %s", shard.shard_id, made, error)
+        prefix = f"shard unreadable after {made} records: " if made else "shard unreadable: "
         yield shard_error(shard, f"{prefix}{type(error).__name__}: {error}")
 
 
-def _tar_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
-    fs, path = storage.filesystem(shard.members[0].uri)
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-        key: str | None = None
-        group: dict[str, bytes | TooLarge] = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            match = _KEY_EXTENSION.match(member.name)
-            if match is None:
-                continue
-            member_key, extension = match.group(1), match.group(2).lower()
-            # A member whose extension its group already has is the same key written again: a new
-            # record (the duplicate becomes an error row), never an overwrite of the first.
-            if member_key != key or extension in group:
-                if key is not None:
-                    yield _tar_record(shard, key, group, config)
-                key, group = member_key, {}
-            if member.size > config.max_record_bytes:
-                group[extension] = TooLarge(member.size)  # never read: tarfile skips over it
-                continue
-            extracted = tar.extractfile(member)
-            group[extension] = extracted.read() if extracted else b""
-        if key is not None:
-            yield _tar_record(shard, key, group, config)
-        _check_tar_end(tar, shard.members[0].size)
-
-
-def _check_tar_end(tar: tarfile.TarFile, size: int) -> None:
-    """Raise if an uncompressed tar ended without its end-of-archive block.
-
-    ``tarfile`` ends a stream quietly when the data stops at a member boundary or inside a header, so
-    a tar cut short there would look complete and lose its remaining records without a trace.
-    """
-    if getattr(tar.fileobj, "comptype", "tar") == "tar" and size and size - tar.offset < tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"truncated: the archive stops at byte {size} without its end-of-archive block")
-
-
-def _tar_record(shard: Shard, key: str, group: dict[str, bytes | TooLarge], config: ReadConfig) -> Record:
-    uri = f"{shard.members[0].uri}#{key}"
-    # The record's image is a plain ``jpg``/``png``/... member; compound fields such as ``depth.png``
-    # or ``seg.png`` are its other images, used only where it has no plain one.
-    image_extensions = sorted(
-        (ext for ext in group if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), key=lambda e: "." in e
-    )
-    if not image_extensions:
-        return Record(key=key, source_uri=uri, error=f"no image member (found: {', '.join(sorted(group))})")
-    image = group[image_extensions[0]]
-    if isinstance(image, TooLarge):
-        return Record(key=key, source_uri=uri, error=image.message(config))
-    caption = None
-    if isinstance(group.get("txt"), bytes):
-        caption = decode_caption(group["txt"])
-    elif isinstance(group.get("json"), bytes) and config.caption_column:
-        caption = _json_caption(group["json"], config.caption_column)
-    return Record(key=key, source_uri=uri, image_bytes=image, caption=caption)
-
-
-def _json_caption(raw: bytes, field: str) -> str | None:
-    try:
-        value = json.loads(raw).get(field)
-    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep
-        return None
-    return str(value) if value is not None else None
-
-
-def _parquet_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
+def _parquet_records(shard: Shard, config: ReadConfig, count: InputCount) -> Iterator[Record]:
     uri = shard.members[0].uri
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
+        count.members = parquet.metadata.num_rows  # the footer's count, apart from the batches read
         names = parquet.schema_arrow.names
         if config.image_column not in names:
             raise ValueError(
@@ -138,13 +60,26 @@ def _parquet_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
             for image, caption in zip(images, captions, strict=True):
                 key = f"{index:09d}"
                 index += 1
-                if isinstance(image, dict):
-                    image = image.get("bytes")
-                if not image:
-                    yield Record(key=key, source_uri=f"{uri}#{key}", error="empty image value")
-                    continue
                 text = _caption_text(caption)
-                yield Record(key=key, source_uri=f"{uri}#{key}", image_bytes=bytes(image), caption=text)
+                data, error = _image_value(image)
+                yield Record(key=key, source_uri=f"{uri}#{key}", image_bytes=data, caption=text, error=error)
+
+
+def _image_value(value: object) -> tuple[bytes, str]:
+    """The bytes of an image cell (binary, or a Hugging Face ``{bytes, path}`` struct), or why there are none.
+
+    ``datasets`` stores images loaded from local files as their path with null bytes until they are
+    embedded. The path names a file on the machine that wrote the dataset: it is reported, never opened.
+    """
+    if isinstance(value, dict):
+        if not value.get("bytes") and value.get("path"):
+            return b"", (
+                f"image struct has a path ({value['path']!r}) and no bytes: the Parquet file does not hold the "
+                "image. Embed the images first: datasets' push_to_hub embeds them, and to_parquet does after "
+                "ds = ds.with_format('arrow').map(datasets.table.embed_table_storage, batched=True)"
+            )
+        value = value.get("bytes")
+    return (bytes(value), "") if value else (b"", "empty image value")
 
 
 def _caption_text(value: object) -> str | None:
@@ -158,7 +93,8 @@ def _caption_text(value: object) -> str | None:
     return str(value)
 
 
-def _file_records(shard: Shard, config: ReadConfig) -> Iterator[Record]:
+def _file_records(shard: Shard, config: ReadConfig, count: InputCount) -> Iterator[Record]:
+    count.members = len(shard.members)
     fs, _ = storage.filesystem(shard.members[0].uri)
     for member in shard.members:
         key = member.uri.rsplit("/", 1)[-1]

@@ -1,9 +1,10 @@
 """The original images of a few output rows, read back from the input with the pipeline's own readers.
 
-The output stores only the tuned image. Each row names its input shard and key (``source_shard``,
-``source_key``); the shard's manifest entry names its kind and objects; the row's ``sha256`` tells
-whether the bytes there now are the bytes the run read. Reading stops as soon as every wanted key
-of a shard has been seen, and a plain-file shard is narrowed to the wanted files.
+The output stores only the tuned image. Each row names its input shard, key and object
+(``source_shard``, ``source_key``, ``source_uri``), which is all it takes to read the record again;
+the row's ``sha256`` tells whether the bytes there now are the bytes the run read. Reading stops as
+soon as every wanted key of a shard has been seen, and a plain-file shard is read for the wanted
+files only.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import numpy as np
 from pipeline.core import storage
 from pipeline.core.batch import OK
 from pipeline.core.config import DecodeConfig, ReadConfig
-from pipeline.readers.plan import Shard, output_name
+from pipeline.readers.plan import Shard, ShardMember, file_group
 from pipeline.readers.shards import read_shard
 from pipeline.stages.decode import DecodeError, decode_image
-from pipeline.writers.manifest import MANIFEST_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +62,9 @@ def _shard_bytes(output: str, shard_id: str, rows: list[dict[str, Any]], read: R
     """``source_key`` → the record's bytes, or a note on why they could not be read."""
     keys = {row["source_key"] for row in rows}
     try:
-        entry = storage.read_json(storage.join(output, MANIFEST_DIR, f"{output_name(shard_id)}.json"))
+        shard = _shard_of(shard_id, rows)
     except FileNotFoundError:
-        return dict.fromkeys(keys, "the shard has no manifest entry any more")
-    shard = Shard.from_row({"shard_id": shard_id, "kind": entry["kind"], "members": entry["input"]["members"]})
-    if shard.kind == "files":
-        wanted = {row["source_uri"] for row in rows}
-        shard = dataclasses.replace(shard, members=tuple(m for m in shard.members if m.uri in wanted))
+        return dict.fromkeys(keys, "the input shard is not there any more")
     found: dict[str, bytes | str] = {}
     for batch in read_shard(shard, dataclasses.replace(read, batch_rows=16)):
         for key, status, data, message in zip(
@@ -82,6 +78,21 @@ def _shard_bytes(output: str, shard_id: str, rows: list[dict[str, Any]], read: R
             break
     missing = "not found in the input shard any more"
     return {key: found.get(key, missing) for key in keys}
+
+
+def _shard_of(shard_id: str, rows: list[dict[str, Any]]) -> Shard:
+    """The shard to read ``rows`` from again: its object (tar, Parquet), or only the wanted files."""
+    if file_group(shard_id):
+        uris = sorted({row["source_uri"] for row in rows})
+        return Shard(shard_id, "files", tuple(_member(uri) for uri in uris))
+    uri = rows[0]["source_uri"].split("#", 1)[0]
+    kind = "parquet" if uri.lower().endswith(".parquet") else "tar"
+    return Shard(shard_id, kind, (_member(uri),))
+
+
+def _member(uri: str) -> ShardMember:
+    fs, path = storage.filesystem(uri)
+    return ShardMember(uri, int(fs.info(path).get("size") or 0), "")
 
 
 def _decoded(row: dict[str, Any], data: bytes | str | None, decode: DecodeConfig) -> Original:

@@ -1,14 +1,12 @@
-"""Find the run summaries under ``<output>/_runs/`` and pick the one a report describes."""
+"""Find the run summaries under ``<output>/_imagetune/runs/`` and pick the one a report describes."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pipeline.core import storage
+from pipeline.writers.layout import RUNS_DIR
 
-# Where ``pipeline.runner.job`` writes run summaries. Not imported from there: that module loads Ray,
-# torch and open_clip (seconds and about 1 GB), which a report never needs.
-RUNS_DIR = "_runs"
 _MODIFIED_KEYS = ("LastModified", "last_modified", "mtime", "created")
 
 

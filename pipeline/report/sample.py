@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core import storage
 from pipeline.core.batch import OK
+from pipeline.writers.table import OutputSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -112,22 +113,12 @@ class RunSample:
 
 
 def run_files(output: str, summary: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The data files the run wrote that are still in the output, from one listing of its partition.
-
-    Files are named ``dt=<run start date>/<shard>-<run id>.parquet``; a later run that replaced a
-    shard deleted this run's file of it.
-    """
-    fs, root = storage.filesystem(output)
-    started = str(summary.get("started_at") or "")[:10]
-    where = f"{root}/dt={started}" if started else root
-    suffix = f"-{summary['run_id']}.parquet"
-    try:
-        paths = fs.find(where, withdirs=False)
-    except FileNotFoundError:
-        return fs, []
-    relative = (path[len(root) :].lstrip("/") for path in paths)
-    names = [name for name in relative if name.endswith(suffix) and not name.startswith("_")]
-    return fs, [f"{root}/{name}" for name in sorted(names)]
+    """The data files the run committed that the table still holds (a later run that replaced a
+    shard removed this run's file of it), from the table's log."""
+    fs, _ = storage.filesystem(output)
+    snapshot = OutputSnapshot.read(output)
+    files = sorted(f.path for f in snapshot.files() if f.run_id == summary["run_id"])
+    return fs, [storage.filesystem(storage.join(output, path))[1] for path in files]
 
 
 def sample_run(fs: fsspec.AbstractFileSystem, paths: list[str], limits: SampleLimits) -> RunSample:

@@ -12,28 +12,29 @@ from typing import Any
 import open_clip
 
 from pipeline.core import storage
-from pipeline.core.config import RANDOM, JobConfig
+from pipeline.core.config import RANDOM, JobConfig, ReadConfig
 from pipeline.models.checkpoints import locate_checkpoint
 from pipeline.models.openclip import is_checkpoint_path, register_model_config
 from pipeline.models.tuner import DEFAULT
-from pipeline.readers.plan import Shard, plan_shards
-from pipeline.runner.execute import PipelineStages, RunOutcome, init_ray, run_stages
+from pipeline.readers.columns import image_shards
+from pipeline.readers.plan import InputPlan, Shard, plan_input
+from pipeline.runner.cluster import init_ray, refuse_local_paths
+from pipeline.runner.execute import PipelineStages, run_stages
 from pipeline.stages.caption import CaptionStage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.score import ClipScoreStage
 from pipeline.stages.tune import TuneStage
-from pipeline.writers.lock import OutputLock
-from pipeline.writers.manifest import collect_garbage, is_done, read_manifest, retire_superseded
+from pipeline.writers.layout import check_run_id
+from pipeline.writers.ledger import ShardLedger
+from pipeline.writers.table import OutputSnapshot, OutputTable
 
 logger = logging.getLogger(__name__)
-
-RUNS_DIR = "_runs"
 
 
 @dataclass
 class RunReport:
-    """The run summary as written to ``_runs/<run_id>.json``, and where (``None`` for a dry run)."""
+    """The run summary as written to ``_imagetune/runs/<run_id>.json``, and where (``None`` for a dry run)."""
 
     summary: dict[str, Any]
     uri: str | None
@@ -100,43 +101,54 @@ class RunMode:
     dry_run: bool = False
 
 
-def select_shards(shards: list[Shard], manifest: dict[str, dict], mode: RunMode) -> tuple[list[Shard], int]:
+def select_shards(
+    plan: InputPlan, output: OutputSnapshot | None, mode: RunMode, read: ReadConfig
+) -> tuple[list[Shard], int]:
     """The shards to process, and how many were skipped as done: unchanged (same path, size, ETag or
-    mtime) and read to the end last time (not ``partial``)."""
-    changed = [shard for shard in shards if mode.full or not is_done(shard, manifest)]
-    return (changed[: mode.limit] if mode.limit else changed), len(shards) - len(changed)
+    mtime) and read to the end last time (not ``partial``); ``output`` is ``None`` before the first
+    run. Parquet files among them without the image column are left out here, from their footers
+    (``image_shards``)."""
+    changed = [shard for shard in plan.shards if mode.full or output is None or not output.is_done(shard)]
+    unchanged = len(plan.shards) - len(changed)
+    return image_shards(changed, read, mode.limit, unchanged > 0, plan.skipped), unchanged
 
 
-def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | None = None) -> RunReport:
+def run_batch_job(
+    config: JobConfig, run_id: str | None = None, mode: RunMode | None = None, stages: PipelineStages | None = None
+) -> RunReport:
     """Process the shards of ``config.input`` that ``mode`` selects and write the run summary.
 
-    Holds the output's lock for the whole run. Before any work, files no commit owns (left by a run
-    that was killed) are removed, so every input record ends up in the output exactly once.
+    Holds the output's lease for the whole run; opening the output cleans up after killed runs, so
+    every input record ends up in the output exactly once. ``stages`` replaces the configured ones
+    (the scale benchmark's model stage that does nothing).
     """
     mode = mode or RunMode()
     started = datetime.now(UTC)
     clock = time.perf_counter()
     run_id = run_id or new_run_id(started)
+    check_run_id(run_id)
     preflight(config)
-    shards = plan_shards(config.input, config.read.files_per_shard)
+    planning = time.perf_counter()
+    plan = plan_input(config.input, config.read.files_per_shard, config.read.include, config.read.exclude)
+    plan_seconds = time.perf_counter() - planning
+    shards = plan.shards
     if mode.dry_run:
-        todo, skipped = select_shards(shards, read_manifest(config.output), mode)
-        return RunReport(_summary(config, run_id, started, clock, shards, todo, skipped, None, mode), None)
-    with OutputLock(config.output, run_id, config.runner.lock_ttl_seconds) as lock:
-        manifest = read_manifest(config.output)
-        refuse_reused_run_id(config.output, run_id, manifest)
-        collect_garbage(config.output, manifest, run_id)
-        todo, skipped = select_shards(shards, manifest, mode)
+        todo, skipped = select_shards(plan, _snapshot(config.output), mode, config.read)
+        return RunReport(_summary(config, run_id, started, clock, plan, todo, skipped, None, mode), None)
+    refuse_local_paths({"input": config.input, "output": config.output}, config.runner.address)
+    runner, day = config.runner, f"{started:%Y-%m-%d}"
+    grace = config.write.vacuum_grace_seconds
+    with OutputTable.open(config.output, run_id, day, runner.lock_ttl_seconds, grace) as table:
+        todo, skipped = select_shards(plan, table, mode, config.read)
         logger.info("run %s: %d of %d shards to process, %d unchanged", run_id, len(todo), len(shards), skipped)
-        outcome = RunOutcome()
+        outcome = ShardLedger([])
         if todo:
-            init_ray(config.runner.address)
-            outcome = run_stages(config, todo, build_stages(config), run_id, started, lock.ensure_held)
-        lock.ensure_held()
-        retired = retire_superseded(config.output, manifest, shards, _done_after(shards, manifest, outcome))
-        summary = _summary(config, run_id, started, clock, shards, todo, skipped, outcome, mode, retired)
-        uri = storage.join(config.output, RUNS_DIR, f"{run_id}.json")
-        storage.write_json(uri, summary)
+            cluster = init_ray(runner.address)
+            outcome = run_stages(config, todo, stages or build_stages(config), table, started, cluster)
+        retired = table.retire_superseded(shards)
+        summary = _summary(config, run_id, started, clock, plan, todo, skipped, outcome, mode, retired)
+        summary.update(plan_seconds=round(plan_seconds, 3), commits=table.commit_stats())
+        uri = table.write_summary(summary)
     accounting = summary["accounting"]
     logger.log(
         logging.INFO if accounting["balanced"] else logging.ERROR,
@@ -152,35 +164,18 @@ def run_batch_job(config: JobConfig, run_id: str | None = None, mode: RunMode | 
     return RunReport(summary, uri)
 
 
-def refuse_reused_run_id(output: str, run_id: str, manifest: dict[str, dict]) -> None:
-    """Refuse a run id this output has seen: its data files are named by shard, date and run id.
-
-    A scheduler that retries ``--run-id nightly-2026-12-01`` the same day would otherwise write over
-    the files that the first attempt's commits name, and a failed finalize would delete them.
-    """
-    committed = sorted(shard_id for shard_id, entry in manifest.items() if entry.get("run_id") == run_id)
-    summary = storage.join(output, RUNS_DIR, f"{run_id}.json")
-    fs, path = storage.filesystem(summary)
-    if committed or fs.exists(path):
-        where = f"{len(committed)} committed shards name it" if committed else f"{storage.redact_uri(summary)} exists"
-        raise ValueError(
-            f"run id {run_id!r} was already used on {storage.redact_uri(output)} ({where}); "
-            "give each run its own --run-id, or leave it out for a timestamped one"
-        )
-
-
-def _done_after(shards: list[Shard], manifest: dict[str, dict], outcome: RunOutcome) -> set[str]:
-    """The shards whose commit covers their current input once this run has committed."""
-    committed = set(outcome.committed)
-    whole = committed - set(outcome.partial)
-    return {s.shard_id for s in shards if s.shard_id in whole or (s.shard_id not in committed and is_done(s, manifest))}
+def _snapshot(output: str) -> OutputSnapshot | None:
+    try:
+        return OutputSnapshot.read(output)
+    except FileNotFoundError:
+        return None
 
 
 def _summary(
-    config, run_id, started, clock, shards, todo, skipped, outcome: RunOutcome | None, mode, retired=()
+    config, run_id, started, clock, plan: InputPlan, todo, skipped, outcome: ShardLedger | None, mode, retired=()
 ) -> dict:
     wall = time.perf_counter() - clock
-    outcome = outcome or RunOutcome()
+    outcome = outcome or ShardLedger([])
     return {
         "run_id": run_id,
         "started_at": started.isoformat(),
@@ -189,11 +184,13 @@ def _summary(
         "input": storage.redact_uri(config.input),
         "output": storage.redact_uri(config.output),
         "mode": {"full": mode.full, "limit": mode.limit, "dry_run": mode.dry_run},
-        "shards_listed": len(shards),
+        "shards_listed": len(plan.shards),
+        "inputs_skipped": plan.skipped,
         "shards_unchanged": skipped,
         "shards_planned": len(todo),
         "planned": [shard.shard_id for shard in todo] if mode.dry_run else None,
         "shards_committed": len(outcome.committed),
+        "shards_partial": outcome.partial,
         "shards_retired": list(retired),
         "shards_failed": outcome.failed,
         "accounting": outcome.accounting(),

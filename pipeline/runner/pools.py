@@ -1,23 +1,19 @@
-"""How stages become Ray work: CPU stages as tasks, model stages as actor pools sized to the cluster.
+"""How stages become Ray work: CPU stages as tasks, model stages as actor pools sized by configuration.
 
-This and ``pipeline.runner.execute`` are the only modules that know about Ray.
+``pipeline.runner`` is the only package that imports Ray; stages never do.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from collections.abc import Iterator
+import os
 from dataclasses import dataclass
 
-import numpy as np
+import ray
 
-from pipeline.core.batch import Batch, num_rows
-from pipeline.core.config import ReadConfig, RunnerConfig
-from pipeline.readers.plan import Shard
-from pipeline.readers.shards import read_shard
-from pipeline.stages.base import SECONDS_PREFIX, ChainStage, Stage, isolate_failures
+from pipeline.core.batch import Batch
+from pipeline.core.config import RunnerConfig
+from pipeline.stages.base import ChainStage, Stage, isolate_failures
 
 # CPU kept free for the read/decode/encode/write tasks that feed and drain the actor pools.
 TASK_CPU_RESERVE = 1.0
@@ -25,17 +21,24 @@ TASK_CPU_RESERVE = 1.0
 
 @dataclass
 class Pool:
-    """One actor pool: the stage it runs and what each actor reserves."""
+    """One actor pool: the stage it runs, what each actor reserves, and how far Ray Data may grow it."""
 
     stage: Stage
     num_gpus: float
     num_cpus: float
+    memory_bytes: int
     min_actors: int
-    max_actors: int = 1
+    max_actors: int | None  # None: no cap; the pool grows while the autoscaler adds nodes
 
     @property
     def threads(self) -> int:
         return cpu_threads(self.num_cpus)
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        """What one actor reserves, as a resource bundle."""
+        bundle = {"CPU": self.num_cpus, "GPU": self.num_gpus}
+        return {name: amount for name, amount in bundle.items() if amount}
 
 
 def cpu_threads(num_cpus: float) -> int:
@@ -47,44 +50,79 @@ def cpu_threads(num_cpus: float) -> int:
     return max(1, math.floor(num_cpus))
 
 
-def plan_pools(stages: list[Stage], config: RunnerConfig, cluster: dict[str, float]) -> list[Pool]:
-    """Actor pools for the model stages that fit ``cluster`` (``ray.cluster_resources()``).
+def plan_pools(stages: list[Stage], config: RunnerConfig, accelerator: str) -> list[Pool]:
+    """Actor pools for the model stages, from configuration alone (``accelerator`` is ``gpu`` or ``cpu``).
 
-    Raises ``ValueError`` with the fix when the requested pools cannot all hold an actor at once,
-    which would otherwise hang the pipeline waiting for resources that never come.
+    Nothing here depends on what the cluster holds at start: on an autoscaling cluster that is
+    nothing. Ray Data starts ``min_actors`` per pool and adds actors up to ``max_actors`` while
+    work queues; each pending actor is a resource demand the cluster autoscaler answers with a node.
     """
-    gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
+    gpu = accelerator == "gpu"
+    memory = int(config.model_memory_gb * 2**30)
     if config.model_pools == "fused":
-        num_gpus = config.model_num_gpus if config.model_num_gpus is not None else (1.0 if gpus else 0.0)
-        pools = [Pool(ChainStage(stages=list(stages)), num_gpus, config.model_num_cpus, config.model_min_actors)]
-    else:
-        fractions = {
-            "tune": config.tune_num_gpus,
-            "caption": config.caption_num_gpus,
-            "score": config.clip_num_gpus,
-        }
-        pools = [
-            Pool(stage, fractions[stage.name] if gpus else 0.0, config.model_num_cpus, config.model_min_actors)
-            for stage in stages
-        ]
+        stage: Stage = ChainStage(stages=list(stages))
+        gpus = config.model_num_gpus if gpu else 0.0
+        return [Pool(stage, gpus, config.model_num_cpus, memory, config.model_min_actors, config.model_max_actors)]
+    fractions = {"tune": config.tune_num_gpus, "caption": config.caption_num_gpus, "score": config.clip_num_gpus}
+    return [
+        Pool(
+            stage,
+            fractions[stage.name] if gpu else 0.0,
+            config.model_num_cpus,
+            memory,
+            config.model_min_actors,
+            config.model_max_actors,
+        )
+        for stage in stages
+    ]
+
+
+def fit_local_pools(pools: list[Pool], resources: dict[str, float]) -> None:
+    """On a Ray that cannot grow, cap uncapped pools at what fits and refuse minimums that never could.
+
+    A minimum that does not fit would hang the pipeline waiting for resources that never come.
+    """
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
     need_gpus = sum(p.num_gpus * p.min_actors for p in pools)
     need_cpus = sum(p.num_cpus * p.min_actors for p in pools)
     if need_gpus > gpus:
         raise ValueError(
-            f"model pools need {need_gpus:g} GPUs for their minimum actors but the cluster has {gpus:g}: "
-            "use runner.model_pools=fused, lower the *_num_gpus fractions, or set runner.model_num_gpus=0 for CPU"
+            f"model pools need {need_gpus:g} GPUs for their minimum actors but this Ray has {gpus:g}: use "
+            "runner.model_pools=fused, lower the *_num_gpus fractions, or set runner.accelerator=cpu"
         )
     if need_cpus + TASK_CPU_RESERVE > cpus:
         raise ValueError(
-            f"model pools need {need_cpus:g} CPUs plus {TASK_CPU_RESERVE:g} for tasks but the cluster has "
+            f"model pools need {need_cpus:g} CPUs plus {TASK_CPU_RESERVE:g} for tasks but this Ray has "
             f"{cpus:g}: lower runner.model_num_cpus or runner.model_min_actors"
         )
     per_set_gpus = sum(p.num_gpus for p in pools)
     per_set_cpus = sum(p.num_cpus for p in pools)
     fit = gpus / per_set_gpus if per_set_gpus else (cpus - TASK_CPU_RESERVE) / per_set_cpus
     for pool in pools:
-        pool.max_actors = max(pool.min_actors, config.model_max_actors or math.floor(fit + 1e-9))
-    return pools
+        if pool.max_actors is None:
+            pool.max_actors = max(pool.min_actors, math.floor(fit + 1e-9))
+
+
+def claim_accelerators(cuda_required: bool = True) -> None:
+    """Let this worker's torch see exactly the GPUs Ray reserved for it: none, unless it reserved some.
+
+    Ray 2.60 no longer sets ``CUDA_VISIBLE_DEVICES`` for a worker that reserved no GPU, so a CPU task
+    or actor placed on a GPU node would see (and could use) every GPU there. Hiding them must happen
+    before anything initialises CUDA in the process. A worker that did reserve one must have a
+    working CUDA, or the job would run its models on CPU without saying so; ``cuda_required=False``
+    is for clusters whose GPUs are placement fiction (Ray's fake autoscaling cluster in tests).
+    """
+    reserved = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    if not reserved:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return
+    import torch
+
+    if cuda_required and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"this worker reserved GPU {','.join(map(str, reserved))} but torch sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); check the node's driver and image"
+        )
 
 
 class TaskStage:
@@ -99,6 +137,7 @@ class TaskStage:
         if not self._ready:
             import torch
 
+            claim_accelerators()
             torch.set_num_threads(self.threads)
             self.stage.setup()
             self._ready = True
@@ -108,30 +147,13 @@ class TaskStage:
 class ActorStage:
     """A model stage as a Ray Data actor: ``setup()`` once, then batches."""
 
-    def __init__(self, stage: Stage, threads: int) -> None:
+    def __init__(self, stage: Stage, threads: int, cuda_required: bool = True) -> None:
         import torch
 
+        claim_accelerators(cuda_required)
         torch.set_num_threads(threads)
         self.stage = stage
         self.stage.setup()
 
     def __call__(self, batch: Batch) -> Batch:
         return isolate_failures(self.stage, batch)
-
-
-class ReadShards:
-    """Ray Data generator: shard descriptors in, record batches out (read time as a hidden column)."""
-
-    def __init__(self, config: ReadConfig) -> None:
-        self.config = config
-
-    def __call__(self, batch: Batch) -> Iterator[Batch]:
-        for raw in batch["shard"]:
-            batches = read_shard(Shard.from_row(json.loads(raw)), self.config)
-            while True:
-                start = time.perf_counter()
-                out = next(batches, None)
-                if out is None:
-                    break
-                out[SECONDS_PREFIX + "read"] = np.full(num_rows(out), (time.perf_counter() - start) / num_rows(out))
-                yield out

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,9 +27,35 @@ SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 # or more hides its softness (imagetune bench measures the PSNR against the full decode).
 DRAFT_GAP = 2.0
 
-# The pixel limit is ours (``decode.max_pixels``), checked on the declared size before anything is
-# allocated; Pillow's global limit would refuse first with a message that names no setting.
-Image.MAX_IMAGE_PIXELS = None
+_guard_lock = threading.Lock()
+_unguarded = 0  # decodes in progress in this process
+_pillow_limit: int | None = Image.MAX_IMAGE_PIXELS
+
+
+@contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """Pillow's global bomb guard off while an image is decoded here, and back on afterwards.
+
+    Our limit (``decode.max_pixels``) is checked on the declared size before anything is allocated;
+    Pillow's would refuse first (on open and again when frames are loaded) with a message that names
+    no setting, and would cap ``decode.max_pixels``. Everything else (training's augmentations, the
+    report, the benchmark) keeps Pillow's guard, except while a decode runs in another thread of the
+    same process, since Pillow's limit is one global. Counted, so that concurrent decodes restore it
+    only when the last one ends.
+    """
+    global _unguarded, _pillow_limit
+    with _guard_lock:
+        if not _unguarded:
+            _pillow_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _unguarded += 1
+    try:
+        yield
+    finally:
+        with _guard_lock:
+            _unguarded -= 1
+            if not _unguarded:
+                Image.MAX_IMAGE_PIXELS = _pillow_limit
 
 
 class DecodeError(ValueError):
@@ -71,6 +99,11 @@ def decode_image(data: bytes, max_side: int, max_pixels: int, jpeg_draft: bool =
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    with _own_pixel_limit():
+        return _decode(data, max_side, max_pixels, jpeg_draft)
+
+
+def _decode(data: bytes, max_side: int, max_pixels: int, jpeg_draft: bool) -> DecodedImage:
     try:
         image = Image.open(io.BytesIO(data))
         declared = image.width * image.height

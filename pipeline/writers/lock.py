@@ -1,10 +1,13 @@
-"""One run at a time per output: a lease object ``_lock.json`` with an expiry a heartbeat extends.
+"""One run at a time per output: a lease object ``_imagetune/lease.json`` with an expiry a heartbeat extends.
 
-Two runs writing one output would interleave commits and garbage-collect each other's files, so a
-second run is refused with a clear error. The lease is created with an exclusive write; a holder
+Two runs writing one output would process the same shards twice, so a second run is refused with a
+clear error naming the holder. Every change to the lease is conditional on the version this holder
+last saw: it is created only if absent (``If-None-Match: *``), renewed and taken over only if
+unchanged (``If-Match``), and deleted only if still ours. Two runs that find the same stale lease
+therefore cannot both take it over, and a renewal can never overwrite another run's lease. A holder
 that stopped heartbeating (its expiry passed), or a dead process on this same host, loses it.
-Each ``OutputLock`` carries a random token: two processes started with the same run id are still
-two holders, and neither may renew or delete the other's lease.
+The table's log fences commits on top of this (``OutputTable``): a run that lost the lease cannot
+land a commit after the run that took it over.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,7 +26,7 @@ from pipeline.core import storage
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = "_lock.json"
+LEASE_FILE = "_imagetune/lease.json"
 
 
 class OutputLockedError(RuntimeError):
@@ -35,17 +37,19 @@ class OutputLock:
     """Context manager holding the lease on ``output`` for ``run_id``.
 
     The lease is this instance's, identified by its token; ``run_id``, host and pid only name the
-    holder in messages.
+    holder in messages. ``_version`` is the lease object's version as this holder last wrote it.
     """
 
     def __init__(self, output: str, run_id: str, ttl_seconds: float = 600.0) -> None:
-        self.uri = storage.join(output, LOCK_FILE)
+        self.uri = storage.join(output, LEASE_FILE)
+        self.output = output
         self.run_id = run_id
         self.token = uuid.uuid4().hex
         self.ttl = timedelta(seconds=ttl_seconds)
         self._stop = threading.Event()
         self.lost = False
         self._heartbeat: threading.Thread | None = None
+        self._version: str | None = None
         # time.monotonic() when the expiry of the lease now in storage was computed; None until held
         self._renewed_at: float | None = None
 
@@ -74,47 +78,58 @@ class OutputLock:
         try:
             with storage.errors_naming(self.uri, "create the output lease"):
                 storage.create_exclusive(self.uri, self._payload())
+            self._version = self._read().version
         except FileExistsError:
-            holder = self._read()
-            if holder is None or holder.get("token") != self.token:
+            current = self._read()
+            if current is None or _parse(current.data).get("token") != self.token:
                 started = time.monotonic()
-                self._take_over(holder)
-            # else: ours already; the create was retried after a response was lost
+                self._take_over(current)
+            else:  # ours already: the create was retried after its response was lost
+                self._version = current.version
         self._renewed_at = started
         self._heartbeat = threading.Thread(target=self._renew, name="output-lock-heartbeat", daemon=True)
         self._heartbeat.start()
 
-    def _take_over(self, holder: dict | None) -> None:
-        """Replace a stale or unreadable lease; refuse a live one."""
-        if holder is not None and not _is_stale(holder):
+    def _take_over(self, current: storage.Versioned | None) -> None:
+        """Replace a stale or unreadable lease, conditionally; refuse a live one."""
+        holder = _parse(current.data) if current else {}
+        if current is not None and not _is_stale(holder):
             raise OutputLockedError(
-                f"output {storage.redact_uri(self.uri.rsplit('/', 1)[0])} is being written by run "
+                f"output {storage.redact_uri(self.output)} is being written by run "
                 f"{holder.get('run_id')} on {holder.get('host')} (pid {holder.get('pid')}) until "
-                f"{holder.get('expires_at')}; wait for it to finish, or delete {LOCK_FILE} if that run is gone"
+                f"{holder.get('expires_at')}; wait for it to finish, or delete {LEASE_FILE} if that run is gone"
             ) from None
-        logger.warning("taking over the stale lease of run %s", (holder or {}).get("run_id"))
-        if self._read() != holder:
-            raise OutputLockedError(f"another run took over {self.uri} first") from None
-        fs, path = storage.filesystem(self.uri)
-        with suppress(FileNotFoundError):  # gone already (released, or removed by another run): the create decides
-            fs.rm_file(path)
+        logger.warning("taking over the stale lease of run %s", holder.get("run_id"))
         try:
+            if current is not None:
+                try:
+                    self._version = storage.replace_if(self.uri, self._payload(), current.version)
+                    return
+                except storage.ConflictError:
+                    if self._read() is not None:
+                        raise
+            # released (or removed) since it was read: a plain create decides
             storage.create_exclusive(self.uri, self._payload())
-        except FileExistsError:
-            raise OutputLockedError(f"another run took over {self.uri} first") from None
+            self._version = self._read().version
+        except (storage.ConflictError, FileExistsError):
+            raise OutputLockedError(f"another run took over {storage.redact_uri(self.uri)} first") from None
 
     def _renew(self) -> None:
         interval = self.ttl.total_seconds() / 3
         while not self._stop.wait(interval):
             try:
-                holder = self._read()
-                if holder is None or holder.get("token") != self.token:
-                    logger.error("lost the output lease to run %s", (holder or {}).get("run_id"))
-                    self.lost = True
-                    return
                 started = time.monotonic()
-                storage.write_json(self.uri, json.loads(self._payload()))
+                self._version = storage.replace_if(self.uri, self._payload(), self._version or "")
                 self._renewed_at = started
+            except storage.ConflictError:
+                current = self._read()
+                holder = _parse(current.data) if current else {}
+                if holder.get("token") == self.token:  # our write landed; its response was lost
+                    self._version, self._renewed_at = current.version, started
+                    continue
+                logger.error("lost the output lease to run %s", holder.get("run_id"))
+                self.lost = True
+                return
             except Exception as error:  # a transient storage error: try again next beat
                 logger.warning("could not renew the output lease: %s", error)
 
@@ -138,23 +153,28 @@ class OutputLock:
             )
 
     def release(self) -> None:
-        """Stop renewing and delete the lease if it is still ours."""
+        """Stop renewing and delete the lease if it is still ours (unchanged since our last write)."""
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
         self._renewed_at = None
-        holder = self._read()
-        if holder is not None and holder.get("token") == self.token:
-            fs, path = storage.filesystem(self.uri)
-            fs.rm_file(path)
+        if self._version is not None and not self.lost:
+            try:
+                storage.delete_if(self.uri, self._version)
+            except storage.ConflictError:
+                logger.warning("the output lease was taken over before this run released it")
+        self._version = None
 
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return storage.read_json(self.uri)
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}
+    def _read(self) -> storage.Versioned | None:
+        return storage.read_versioned(self.uri)
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def _is_stale(holder: dict[str, Any]) -> bool:
@@ -162,7 +182,7 @@ def _is_stale(holder: dict[str, Any]) -> bool:
     try:
         if datetime.fromisoformat(holder["expires_at"]) < datetime.now(UTC):
             return True
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):
         return True
     if holder.get("host") == socket.gethostname():
         try:

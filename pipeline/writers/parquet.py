@@ -10,6 +10,7 @@ names the one that counts, and the files of the previous commit are deleted afte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections import Counter
@@ -27,8 +28,12 @@ from pipeline.core.batch import OK, Batch, object_column
 from pipeline.core.schema import OUTPUT_SCHEMA, to_output_table
 from pipeline.readers.plan import output_name
 from pipeline.stages.base import SECONDS_PREFIX
+from pipeline.writers.layout import STATS_COLUMNS
+from pipeline.writers.ledger import ShardRows, StagedPart
 
 MODEL_COLUMNS = ("tuner_model", "caption_model", "clip_model")
+FINALIZE_BASE_MEMORY = 256 * 2**20
+STAGED_PART_COLUMNS = tuple(f.name for f in dataclasses.fields(StagedPart))
 # Final files are read by query engines and by readers that want a few images: small pages of the
 # large columns plus a page index let them fetch one image without reading its whole column chunk,
 # and only low-cardinality columns are dictionary-encoded (never image bytes or embeddings).
@@ -50,10 +55,11 @@ FINAL_FILE_OPTIONS: dict[str, Any] = {
 
 @dataclass
 class StagedPartWriter:
-    """Ray Data map function: write a block's rows as staged parts, return one metadata row per part.
+    """Ray Data map function: write a block's rows as staged parts, return one ``StagedPart`` row each.
 
     The metadata is what the driver needs and no more: which record ordinals the part holds, the
-    shard's total when known, stage seconds and model ids. Row counts come from the finalize.
+    shard's total when known, the part's size, stage seconds and model ids. Row counts come from
+    the finalize, which reads the rows themselves.
     """
 
     staging_uri: str
@@ -72,25 +78,19 @@ class StagedPartWriter:
             mask = shards == shard_id
             part = table.filter(pa.array(mask))
             uri = storage.join(self.staging_uri, output_name(shard_id), f"{uuid.uuid4().hex}.parquet")
-            write_table(part, uri, self.compression)
-            rows.append(
-                {
-                    "shard_id": shard_id,
-                    "part_uri": uri,
-                    "ordinals": json.dumps(ordinals[mask].tolist()),
-                    "shard_total": int(totals[mask].max()),
-                    "seconds": json.dumps({k: float(v[mask].sum()) for k, v in timings.items()}),
-                    "models": json.dumps(
-                        {c: sorted(set(part.column(c).drop_null().to_pylist())) for c in MODEL_COLUMNS}
-                    ),
-                }
+            size = write_table(part, uri, self.compression)
+            staged = StagedPart(
+                shard_id=shard_id,
+                uri=uri,
+                ordinals=tuple(ordinals[mask].tolist()),
+                shard_total=int(totals[mask].max()),
+                unread=_counts(part).get("unread", 0),
+                bytes=size,
+                seconds={k: float(v[mask].sum()) for k, v in timings.items()},
+                models={c: tuple(sorted(set(part.column(c).drop_null().to_pylist()))) for c in MODEL_COLUMNS},
             )
-        return {
-            name: object_column(r[name] for r in rows)
-            if name != "shard_total"
-            else np.array([r[name] for r in rows], dtype=np.int64)
-            for name in ("shard_id", "part_uri", "ordinals", "shard_total", "seconds", "models")
-        }
+            rows.append(staged.to_row())
+        return {name: object_column(row[name] for row in rows) for name in STAGED_PART_COLUMNS}
 
 
 def _counts(table: pa.Table) -> dict[str, int]:
@@ -105,27 +105,40 @@ def _counts(table: pa.Table) -> dict[str, int]:
     return dict(counts)
 
 
-def write_table(table: pa.Table, uri: str, compression: str, row_group_rows: int | None = None) -> None:
-    """Write one Parquet file; on object storage the object appears only when complete."""
+def write_table(table: pa.Table, uri: str, compression: str, row_group_rows: int | None = None) -> int:
+    """Write one Parquet file and return its size; on object storage the object appears only when complete."""
     fs, path = storage.filesystem(uri)
     storage.ensure_parent(fs, path)
     with fs.open(path, "wb") as handle:
         pq.write_table(table, handle, compression=compression, row_group_size=row_group_rows)
+        return handle.tell()
+
+
+@dataclass(frozen=True)
+class FinalizedShard:
+    """A shard's final file: where, how large, its rows by outcome, and its Delta statistics JSON."""
+
+    uri: str
+    bytes: int
+    rows: ShardRows
+    stats: str
 
 
 def finalize_shard(
     part_uris: list[str], final_uri: str, compression: str = "zstd", row_group_rows: int = 1024
-) -> dict[str, Any]:
+) -> FinalizedShard:
     """Stream staged parts into ``final_uri`` with row groups of ``row_group_rows``; delete the parts.
 
-    Memory holds one row group (plus the ids seen), whatever the shard's size. A row whose id was
-    already written is dropped: a task that Ray re-executed after a failure can stage a row twice.
-    Rows are ordered by ``id`` within each row group, friendly to min/max statistics.
+    Memory holds one row group (plus the ids seen), whatever the shard's size (``finalize_memory``).
+    A row whose id was already written is dropped: a task that Ray re-executed after a failure can
+    stage a row twice. Rows are ordered by ``id`` within each row group, friendly to min/max
+    statistics. No parts (a shard with no records) make a file with no rows.
     """
     fs, path = storage.filesystem(final_uri)
     storage.ensure_parent(fs, path)
+    bounds = _Bounds()
     try:
-        counts = _stream_parts(part_uris, fs, path, compression, row_group_rows)
+        counts = _stream_parts(part_uris, fs, path, compression, row_group_rows, bounds)
     except BaseException:
         # The writers close cleanly even on error, which would leave a valid but partial file.
         if fs.exists(path):
@@ -134,10 +147,48 @@ def finalize_shard(
     for uri in part_uris:
         part_fs, part_path = storage.filesystem(uri)
         part_fs.rm_file(part_path)
-    return {"rows": sum(counts.values()), "counts": dict(counts), "bytes": int(fs.info(path).get("size") or 0)}
+    unread = counts.pop("unread", 0)
+    size = int(fs.info(path).get("size") or 0)
+    rows = ShardRows(dict(counts), {}, unread)
+    return FinalizedShard(final_uri, size, rows, bounds.delta_stats(rows.rows + unread))
 
 
-def _stream_parts(part_uris: list[str], fs, path: str, compression: str, row_group_rows: int) -> Counter:
+def finalize_memory(staged_bytes: int, records: int, row_group_rows: int, part_rows: int) -> int:
+    """Bytes a finalize holds at most: a row group being assembled plus the part being read, twice
+    (concatenation and sort copy them), and the interpreter and Parquet writer on top."""
+    per_row = staged_bytes / max(records, 1)
+    buffered = min(staged_bytes, per_row * (row_group_rows + part_rows))
+    return int(2 * buffered) + FINALIZE_BASE_MEMORY
+
+
+class _Bounds:
+    """The statistics the output's log keeps per file (``layout.STATS_COLUMNS``): its shard, and its
+    record keys (which with the shard id bound a plain-file group's names). Few columns: the log's
+    load time and the driver's memory grow with them."""
+
+    def __init__(self) -> None:
+        self.low: dict[str, str] = {}
+        self.high: dict[str, str] = {}
+
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        for column in STATS_COLUMNS:
+            bounds = pc.min_max(table.column(column))
+            low, high = bounds["min"].as_py(), bounds["max"].as_py()
+            self.low[column] = min(self.low.get(column, low), low)
+            self.high[column] = max(self.high.get(column, high), high)
+
+    def delta_stats(self, rows: int) -> str:
+        stats: dict[str, Any] = {"numRecords": rows}
+        if rows:
+            stats.update(minValues=self.low, maxValues=self.high, nullCount=dict.fromkeys(STATS_COLUMNS, 0))
+        return json.dumps(stats)
+
+
+def _stream_parts(
+    part_uris: list[str], fs, path: str, compression: str, row_group_rows: int, bounds: _Bounds
+) -> Counter:
     counts: Counter = Counter()
     with (
         fs.open(path, "wb") as handle,
@@ -158,15 +209,16 @@ def _stream_parts(part_uris: list[str], fs, path: str, compression: str, row_gro
             pending.append(table)
             pending_rows += table.num_rows
             if pending_rows >= row_group_rows:
-                counts.update(_flush(writer, pending))
+                counts.update(_flush(writer, pending, bounds))
                 pending, pending_rows = [], 0
         if pending:
-            counts.update(_flush(writer, pending))
+            counts.update(_flush(writer, pending, bounds))
     return counts
 
 
-def _flush(writer: pq.ParquetWriter, tables: list[pa.Table]) -> dict[str, int]:
+def _flush(writer: pq.ParquetWriter, tables: list[pa.Table], bounds: _Bounds) -> dict[str, int]:
     table = pa.concat_tables(tables)
     table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
     writer.write_table(table, row_group_size=max(table.num_rows, 1))
+    bounds.add(table)
     return _counts(table)

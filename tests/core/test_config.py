@@ -63,6 +63,27 @@ def test_the_shipped_example_config_loads_with_the_documented_defaults():
 
     example = files("pipeline") / "configs" / "example.yaml"
     config = load_config(str(example))
-    defaults = load_config(None, [f"tune.model={config.tune.model}"], input=config.input, output=config.output)
-    assert config == defaults
+    assert config == JobConfig(input=config.input, output=config.output)
     assert isinstance(config, JobConfig) and config.runner == RunnerConfig()
+
+
+def test_the_shipped_example_config_is_the_generated_one_with_every_key():
+    from pipeline.core.example_config import EXAMPLE, example_yaml
+
+    assert EXAMPLE.read_text() == example_yaml(), (
+        "regenerate: python -m pipeline.core.example_config > pipeline/configs/example.yaml"
+    )
+    text = example_yaml()
+    assert "  lock_ttl_seconds: 600.0" in text and "  batch_rows: 256" in text and "  exclude: []" in text
+    assert "  decoder: cached                      # cached | open_clip" in text
+
+
+def test_pattern_lists_are_checked_item_by_item():
+    config = load_config(None, ["read.exclude=['*.parquet', '*_stats.json']"], input="in", output="out")
+    assert config.read.exclude == ["*.parquet", "*_stats.json"] and config.read.include == []
+    with pytest.raises(ValueError, match=r"read.include='\*.jpg' must be a list, e.g. read.include=\['\*.parquet'\]"):
+        load_config(None, ["read.include='*.jpg'"], input="in", output="out")
+    with pytest.raises(ValueError, match=r"read.exclude='\*.parquet' must be a list"):  # YAML reads * as an alias
+        load_config(None, ["read.exclude=*.parquet"], input="in", output="out")
+    with pytest.raises(ValueError, match=r"read.exclude\[1\]=3 must be a string"):
+        load_config(None, ["read.exclude=['a', 3]"], input="in", output="out")

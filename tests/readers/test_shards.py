@@ -107,15 +107,18 @@ def test_a_tar_cut_where_tarfile_sees_a_quiet_end_still_reports_the_loss(tmp_pat
     assert "without its end-of-archive block" in rows["error_message"][2]
 
 
-def test_a_record_with_several_image_fields_uses_its_plain_image(tmp_path, photos):
+def test_a_sample_with_several_image_fields_is_one_record_per_image_and_the_plain_one_keeps_its_key(tmp_path, photos):
     with tarfile.open(tmp_path / "fields.tar", "w") as tar:
         _add(tar, "a.depth.png", photos[0].data)
         _add(tar, "a.jpg", photos[1].data)
+        _add(tar, "a.txt", b"the plain image's caption")
         _add(tar, "b.seg.png", photos[2].data)
     (shard,) = plan_shards(str(tmp_path))
-    _, rows = _rows(shard)
-    assert list(rows["source_key"]) == ["a", "b"]
-    assert [bytes(b) for b in rows["image_bytes"]] == [photos[1].data, photos[2].data]
+    batches, rows = _rows(shard)
+    assert list(rows["source_key"]) == ["a.depth", "a", "b.seg"]
+    assert [bytes(b) for b in rows["image_bytes"]] == [photos[0].data, photos[1].data, photos[2].data]
+    assert list(rows["caption"]) == [None, "the plain image's caption", None]
+    assert batches[-1]["_shard_total"][0] == 3
 
 
 def test_a_json_sidecar_nested_too_deep_costs_only_its_caption(tmp_path, photos):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 
-import duckdb
 import pytest
 import s3fs
 from PIL import Image
@@ -14,7 +13,7 @@ from pipeline.cli import main
 from pipeline.core.config import load_config
 from pipeline.runner.job import RunMode, run_batch_job
 from pipeline.sample import SampleRecord, write_webdataset
-from tests.conftest import TINY_CLIP, TINY_COCA
+from tests.conftest import TINY_CLIP, TINY_COCA, output_sql
 from tests.report.chromium import chromium_binary, inspect_page
 
 BUCKET = "imagetune-report"
@@ -132,10 +131,8 @@ def test_report_of_a_run_renders_offline_with_originals_and_the_run_summary_coun
     # Originals were read back from the S3 input and matched their sha256; each card has a zoomed crop.
     assert facts["cards"] == 12 and facts["originals"] == 12 and facts["zoomed"] == 12
     assert facts["notices"] == [] and facts["reasons"] == [["decode", "1"]]
-    connection = duckdb.connect()
-    connection.register_filesystem(bucket)
-    scored = f"read_parquet('{output}/dt=*/*.parquet') WHERE clip_score IS NOT NULL"
-    lowest = connection.sql(f"SELECT id FROM {scored} ORDER BY clip_score LIMIT 8").fetchall()
+    scored = "OUTPUT WHERE clip_score IS NOT NULL"
+    lowest = output_sql(output, f"SELECT id FROM {scored} ORDER BY clip_score LIMIT 8").fetchall()
     assert facts["lowest"] == [row[0] for row in lowest]
 
 

@@ -10,11 +10,9 @@ import pytest
 
 from pipeline.core import storage
 from pipeline.core.batch import object_column
-from pipeline.report import runs
 from pipeline.report import sample as sampling
 from pipeline.report.images import largest_difference
 from pipeline.report.sample import SampleLimits, lowest_aligned, read_footers, sample_run
-from pipeline.runner import job
 from pipeline.writers.parquet import StagedPartWriter, finalize_shard
 from tests.writers.test_parquet import _batch
 
@@ -31,7 +29,7 @@ def _write_shard(folder, shard: str, scores: np.ndarray, messages: list[str] | N
         batch["clip_score"] = np.where(ok, scores[start : start + 8], np.nan).astype(np.float32)
         batch["error_message"] = object_column(messages[start : start + 8])
         batch["tuned_image"] = object_column([b"\xff" * 100] * len(statuses))
-        parts.extend(str(uri) for uri in writer(batch)["part_uri"])
+        parts.extend(str(uri) for uri in writer(batch)["uri"])
     final = str(folder / "dt=2026-11-22" / f"{shard}-run.parquet")
     finalize_shard(parts, final, row_group_rows=8)
     return final
@@ -94,7 +92,3 @@ def test_largest_difference_finds_the_window_tuning_changed_most(size):
     assert crop.top <= top < crop.top + crop.side and crop.left <= left < crop.left + crop.side
     assert crop.mean_difference > 0
     assert largest_difference(original, tuned[1:]) is None
-
-
-def test_the_report_looks_for_run_summaries_where_the_job_writes_them():
-    assert runs.RUNS_DIR == job.RUNS_DIR

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 
-import duckdb
 import numpy as np
 import open_clip
 import pyarrow as pa
@@ -21,7 +20,8 @@ from pipeline.runner.job import run_batch_job
 from pipeline.sample import write_webdataset
 from pipeline.stages.caption import decode_tokens
 from pipeline.stages.decode import decode_image
-from tests.conftest import BUCKET, TINY_CLIP, TINY_COCA, reference_threads, sharpened_checkpoint
+from pipeline.writers.table import OutputSnapshot
+from tests.conftest import BUCKET, TINY_CLIP, TINY_COCA, glob_sql, output_sql, reference_threads, sharpened_checkpoint
 
 MAX_SIDE = 80
 SEQ_LEN = 10
@@ -84,17 +84,18 @@ def _config(tmp_path, *extra: str):
         "read.batch_rows=3",
         "runner.model_batch_rows=4",
         "runner.model_memory_gb=0.5",
+        "write.vacuum_grace_seconds=0",
         f"runner.checkpoint_cache={tmp_path / 'cache'}",
         *extra,
     ]
-    return load_config(None, sets, input=f"s3://{BUCKET}/input/", output=f"s3://{BUCKET}/output/")
+    return load_config(None, sets, input=f"s3://{BUCKET}/input/", output=OUTPUT)
+
+
+OUTPUT = f"s3://{BUCKET}/output/"
 
 
 def _query(s3, sql: str):
-    connection = duckdb.connect()
-    connection.register_filesystem(s3)
-    glob = f"s3://{BUCKET}/output/dt=*/*.parquet"
-    return connection.sql(sql.replace("OUTPUT", f"read_parquet('{glob}', hive_partitioning=true)"))
+    return output_sql(OUTPUT, sql)
 
 
 def test_every_input_format_to_parquet_on_s3_with_one_row_per_record(ray_cluster, s3, dataset, models, tmp_path):
@@ -118,10 +119,10 @@ def test_every_input_format_to_parquet_on_s3_with_one_row_per_record(ray_cluster
     assert (summary["shards_planned"], summary["shards_committed"], summary["shards_failed"]) == (4, 4, {})
     assert summary["accounting"] == {"records_in": 21, "rows_out": 21, "balanced": True}
     assert set(summary["stages"]) == {"read", "decode", "tune", "caption", "score", "encode"}
-    manifest = [json.loads(s3.cat(p)) for p in s3.find(f"{BUCKET}/output/_manifest/")]
-    assert sorted(m["rows"] for m in manifest) == [4, 4, 5, 8]
-    assert not s3.exists(f"{BUCKET}/output/_staging/{report.summary['run_id']}")
-    assert json.loads(s3.cat(f"{BUCKET}/output/_runs/{summary['run_id']}.json"))["rows"] == 21
+    assert sorted(f.rows for f in OutputSnapshot.read(OUTPUT).files()) == [4, 4, 5, 8]
+    assert glob_sql(OUTPUT, "SELECT id FROM OUTPUT ORDER BY id").fetchall() == [(r["id"],) for r in rows]
+    assert not s3.exists(f"{BUCKET}/output/_imagetune/staging/{report.summary['run_id']}")
+    assert json.loads(s3.cat(f"{BUCKET}/output/_imagetune/runs/{summary['run_id']}.json"))["rows"] == 21
 
     _assert_rows_match_reference_models(rows, dataset, models)
 

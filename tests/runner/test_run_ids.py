@@ -2,33 +2,33 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from pipeline.core.config import load_config
+from pipeline.readers.plan import plan_shards
 from pipeline.runner.job import run_batch_job
 from pipeline.sample import write_webdataset
+from pipeline.writers.lock import LEASE_FILE
+from pipeline.writers.table import OutputSnapshot, OutputTable
 from tests.runner.test_refresh import FAST
+from tests.writers.test_table import write_shard
 
 
-@pytest.mark.parametrize("trace", ["manifest", "summary"])
+@pytest.mark.parametrize("trace", ["committed file", "summary"])
 def test_a_run_id_the_output_has_seen_is_refused_before_anything_is_touched(trace, photos, tmp_path):
     write_webdataset(photos[:2], tmp_path / "input", shard_size=2)
-    output = tmp_path / "output"
-    committed = output / "dt=2026-12-01" / "sample-00000.tar-0123456789-nightly.parquet"
-    committed.parent.mkdir(parents=True)
-    committed.write_bytes(b"committed rows")
-    entry = {"shard_id": "sample-00000.tar", "files": [str(committed.relative_to(output))], "run_id": "nightly"}
-    if trace == "manifest":
-        (output / "_manifest").mkdir()
-        (output / "_manifest" / "sample-00000.tar-0123456789.json").write_text(json.dumps(entry))
-    else:
-        (output / "_runs").mkdir()
-        (output / "_runs" / "nightly.json").write_text("{}")
-    config = load_config(None, FAST, input=str(tmp_path / "input"), output=str(output))
+    output = str(tmp_path / "output")
+    (shard,) = plan_shards(str(tmp_path / "input"))
+    with OutputTable.open(output, "nightly" if trace == "committed file" else "earlier", "2026-12-01") as table:
+        table.commit([write_shard(table, shard, ["a", "b"])])
+        if trace == "summary":
+            table.write_summary({})
+            table.run_id = "nightly"
+            table.write_summary({})
+    before = [f.path for f in OutputSnapshot.read(output).files()]
+    config = load_config(None, FAST, input=str(tmp_path / "input"), output=output)
 
     with pytest.raises(ValueError, match="run id 'nightly' was already used on .*; give each run its own --run-id"):
         run_batch_job(config, run_id="nightly")
-    assert committed.read_bytes() == b"committed rows"
-    assert not (output / "_lock.json").exists()
+    assert [f.path for f in OutputSnapshot.read(output).files()] == before
+    assert not (tmp_path / "output" / LEASE_FILE).exists()

@@ -55,7 +55,9 @@ def test_fake_credentials_appear_nowhere_the_run_prints_or_writes(s3, s3_endpoin
                 printed.append(result.stdout + result.stderr)
         assert plan.access_keys == {CANARIES["AWS_ACCESS_KEY_ID"]}, "the runs must have used the fake keys"
         written = {f"s3://{path}": s3.cat_file(path) for path in s3.find(BUCKET)}
-        assert any(path.endswith(".parquet") for path in written) and any("/_runs/" in path for path in written)
+        assert any(path.endswith(".parquet") for path in written) and any(
+            "/_imagetune/runs/" in path for path in written
+        )
         logs = {str(path): path.read_bytes() for path in Path(ray_dir).rglob("*") if path.is_file()}
         assert any(path.endswith(".log") or path.endswith(".err") for path in logs), "Ray's logs must be searched"
     finally:

@@ -10,12 +10,11 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from jobs.submit import submission_id
 from pipeline.sample import write_webdataset
-from tests.runner.test_refresh import FAST
+from tests.runner.test_refresh import FAST, INPUT, OUTPUT, rows, upload_shards
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -27,8 +26,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def token_cluster(tmp_path, monkeypatch):
-    """A head node with token authentication; its own temp dir keeps it apart from other tests' Ray."""
+def token_cluster(s3_endpoint):
+    """A head node with token authentication; its own temp dir keeps it apart from other tests' Ray.
+
+    Its processes inherit the moto S3 environment, as a real cluster's nodes have their own chain.
+    """
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     # Like the container image: `python` on the cluster is the interpreter that has the project's packages.
@@ -84,16 +86,15 @@ def _submit(*args: str, token: str) -> subprocess.CompletedProcess:
     return subprocess.run([imagetune, "submit", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_refresh_submitted_with_token_auth_succeeds_and_the_same_night_is_refused(token_cluster, photos, tmp_path):
+def test_refresh_submitted_with_token_auth_succeeds_and_the_same_night_is_refused(token_cluster, s3, photos, tmp_path):
     address, token = token_cluster
-    write_webdataset(photos[:4], tmp_path / "input", shard_size=2)
-    output = tmp_path / "output"
-    job = ["refresh", "--input", str(tmp_path / "input"), "--output", str(output), *[f"--set={s}" for s in FAST]]
+    upload_shards(s3, tmp_path, photos[:4], ["a", "b"])
+    job = ["refresh", "--input", INPUT, "--output", OUTPUT, *[f"--set={s}" for s in FAST]]
 
     first = _submit("--address", address, "--", *job, token=token)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "submitted imagetune-refresh-" in first.stdout and "SUCCEEDED" in first.stdout
-    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{output}/dt=*/*.parquet')").fetchall() == [(4,)]
+    assert len(rows(s3)) == 4
 
     again = _submit("--address", address, "--", *job, token=token)
     assert again.returncode == 2
@@ -101,3 +102,13 @@ def test_refresh_submitted_with_token_auth_succeeds_and_the_same_night_is_refuse
 
     wrong = _submit("--address", address, "--submission-id", "wrong-token", "--", *job, token="0" * 32)
     assert wrong.returncode != 0 and "wrong-token" not in wrong.stdout
+
+
+def test_a_submitted_job_refuses_local_paths_whose_files_workers_would_not_share(token_cluster, photos, tmp_path):
+    address, token = token_cluster
+    write_webdataset(photos[:2], tmp_path / "input", shard_size=2)
+    job = ["run", "--input", str(tmp_path / "input"), "--output", str(tmp_path / "output")]
+    result = _submit("--address", address, "--submission-id", "local-paths", "--", *job, token=token)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "is a local path, but this run is on a Ray cluster" in result.stdout
+    assert not (tmp_path / "output").exists()

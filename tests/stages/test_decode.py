@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -199,3 +200,18 @@ def test_running_out_of_memory_is_a_memory_error_not_a_bad_image(monkeypatch, ph
     monkeypatch.setattr(decode, "downscale", exhausted)
     with pytest.raises(MemoryError, match="can't allocate memory"):
         decode_image(encode(_photo(photos, (300, 200)), "JPEG"), 64, LIMIT)
+
+
+def test_pillows_bomb_guard_stays_on_outside_the_decoder_and_is_off_only_inside_it(monkeypatch, photos):
+    assert Image.MAX_IMAGE_PIXELS is not None  # importing the decode stage leaves the process guarded
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # under these 96-pixel photographs' size
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(photos[0].data))
+    decoded = decode_image(photos[0].data, 64, LIMIT)  # decode.max_pixels is the only limit here
+    assert decoded.width * decoded.height > 2000
+    clean = [r.data for r in photos if r.key != "999-truncated"] * 4
+    with ThreadPoolExecutor(8) as pool:  # concurrent decodes hand the guard back once, at the end
+        assert len(list(pool.map(lambda data: decode_image(data, 32, LIMIT), clean))) == len(clean)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(DecodeError, match=r"over the limit of 2000 \(decode.max_pixels\)"):
+        decode_image(photos[0].data, 64, 2000)

@@ -12,10 +12,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.core import storage
-from pipeline.writers.lock import LOCK_FILE, OutputLock, OutputLockedError
+from pipeline.writers.lock import LEASE_FILE, OutputLock, OutputLockedError
 from tests.conftest import BUCKET
 
 LIVE = "2999-01-01T00:00:00+00:00"
@@ -47,7 +46,7 @@ def short_lease() -> Iterator[Callable[[str], OutputLock]]:
 
 
 def read_lease(output: str) -> dict:
-    return storage.read_json(storage.join(output, LOCK_FILE))
+    return storage.read_json(storage.join(output, LEASE_FILE))
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 3.0) -> None:
@@ -114,7 +113,7 @@ def test_two_runs_with_the_same_run_id_do_not_share_the_lease(output):
 def test_a_lease_taken_over_under_the_same_run_id_is_lost(tmp_path, short_lease):
     lock = short_lease(str(tmp_path))
     thief = {"token": "other", "run_id": "mine", "host": "elsewhere", "pid": 1, "expires_at": LIVE}
-    (tmp_path / LOCK_FILE).write_text(json.dumps(thief))
+    (tmp_path / LEASE_FILE).write_text(json.dumps(thief))  # another holder's write: a new version
     wait_for(lambda: lock.lost)
     with pytest.raises(OutputLockedError, match="lost its lease"):
         lock.ensure_held()
@@ -133,21 +132,21 @@ def test_a_create_retried_after_its_response_was_lost_keeps_the_lease(tmp_path, 
     with OutputLock(str(tmp_path), "mine") as lock:
         lock.ensure_held()
         assert read_lease(str(tmp_path))["token"] == lock.token
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert not (tmp_path / LEASE_FILE).exists()
 
 
 def test_a_run_whose_lease_renewals_keep_failing_refuses_to_commit_until_one_succeeds(
     tmp_path, monkeypatch, short_lease
 ):
-    write_json, failures, outage = storage.write_json, [], threading.Event()
+    replace_if, failures, outage = storage.replace_if, [], threading.Event()
 
-    def unreachable_during_outage(uri: str, payload: object) -> None:
+    def unreachable_during_outage(uri: str, data: bytes, version: str) -> str:
         if outage.is_set() and uri.startswith(str(tmp_path)):
             failures.append(uri)
             raise OSError("503 Slow Down")
-        write_json(uri, payload)
+        return replace_if(uri, data, version)
 
-    monkeypatch.setattr(storage, "write_json", unreachable_during_outage)
+    monkeypatch.setattr(storage, "replace_if", unreachable_during_outage)
     outage.set()
     lock = short_lease(str(tmp_path))
     lock.ensure_held()
@@ -158,11 +157,11 @@ def test_a_run_whose_lease_renewals_keep_failing_refuses_to_commit_until_one_suc
     outage.clear()
     wait_for(lambda: is_held(lock))
     lock.release()
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert not (tmp_path / LEASE_FILE).exists()
 
 
 def test_a_local_lease_is_never_seen_without_its_content(tmp_path):
-    uri, data = str(tmp_path / LOCK_FILE), json.dumps({"run_id": "mine"}).encode()
+    uri, data = str(tmp_path / LEASE_FILE), json.dumps({"run_id": "mine"}).encode()
     seen: list[object] = []
 
     def concurrent_reader(event: str) -> None:
@@ -177,27 +176,41 @@ def test_a_local_lease_is_never_seen_without_its_content(tmp_path):
 
 
 def test_a_local_lease_is_not_created_over_an_existing_one_and_leaves_no_temporary(tmp_path):
-    uri = str(tmp_path / LOCK_FILE)
+    uri = str(tmp_path / LEASE_FILE)
     storage.create_exclusive(uri, b"first")
     with pytest.raises(FileExistsError):
         storage.create_exclusive(uri, b"second")
-    assert os.listdir(tmp_path) == [LOCK_FILE]
-    assert (tmp_path / LOCK_FILE).read_bytes() == b"first"
+    assert os.listdir(tmp_path / "_imagetune") == ["lease.json"]
+    assert (tmp_path / LEASE_FILE).read_bytes() == b"first"
 
 
-def test_a_stale_lease_that_vanishes_during_the_takeover_is_still_taken(tmp_path, monkeypatch):
+def test_two_runs_that_find_the_same_stale_lease_cannot_both_take_it_over(output):
     stale = {"token": "old", "run_id": "old", "host": "elsewhere", "pid": 1, "expires_at": EXPIRED}
-    (tmp_path / LOCK_FILE).write_text(json.dumps(stale))
-    rm_file, raced = LocalFileSystem.rm_file, []
+    storage.write_json(storage.join(output, LEASE_FILE), stale)
+    first, second = OutputLock(output, "first"), OutputLock(output, "second")
+    seen = first._read()  # both read the stale lease before either replaces it
+    assert second._read() == seen
+    first._take_over(seen)
+    with pytest.raises(OutputLockedError, match="another run took over .* first"):
+        second._take_over(seen)
+    assert read_lease(output)["token"] == first.token
 
-    def removed_by_another_run_just_before(self: LocalFileSystem, path: str) -> None:
-        if not raced:
-            raced.append(path)
-            os.remove(path)
-        rm_file(self, path)
 
-    monkeypatch.setattr(LocalFileSystem, "rm_file", removed_by_another_run_just_before)
-    with OutputLock(str(tmp_path), "new") as lock:
-        assert raced
-        assert read_lease(str(tmp_path))["token"] == lock.token
-    assert not (tmp_path / LOCK_FILE).exists()
+def test_a_renewal_never_overwrites_a_lease_another_run_took_over(output, monkeypatch):
+    lock = OutputLock(output, "mine", ttl_seconds=0.3)
+    lock.acquire()
+    thief = {"token": "other", "run_id": "thief", "host": "elsewhere", "pid": 1, "expires_at": LIVE}
+    storage.write_json(storage.join(output, LEASE_FILE), thief)
+    wait_for(lambda: lock.lost)
+    lock.release()  # nor does the release delete it
+    assert read_lease(output) == thief
+
+
+def test_a_stale_lease_that_vanishes_during_the_takeover_is_still_taken(tmp_path):
+    stale = {"token": "old", "run_id": "old", "host": "elsewhere", "pid": 1, "expires_at": EXPIRED}
+    storage.write_json(str(tmp_path / LEASE_FILE), stale)
+    lock = OutputLock(str(tmp_path), "new")
+    seen = lock._read()
+    (tmp_path / LEASE_FILE).unlink()  # released by its run just before the takeover
+    lock._take_over(seen)
+    assert read_lease(str(tmp_path))["token"] == lock.token

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import numpy as np
@@ -8,8 +9,6 @@ import pytest
 
 from pipeline.core.batch import object_column
 from pipeline.core.schema import OUTPUT_SCHEMA, to_output_table
-from pipeline.readers.plan import Shard, ShardMember
-from pipeline.writers.manifest import commit_shard, read_entry
 from pipeline.writers.parquet import StagedPartWriter, finalize_shard
 
 NOW = datetime(2026, 11, 22, 7, 30, tzinfo=UTC)
@@ -42,13 +41,21 @@ def test_staged_parts_per_shard_then_one_final_file_with_the_contract_schema(tmp
     assert list(meta["shard_total"]) == [-1, 3]
     assert list(meta["ordinals"]) == ["[1]", "[0, 2]"]
     assert meta["seconds"][1] == '{"decode": 1.0}'
-    parts = [str(meta["part_uri"][1]), str(writer(_batch(["b.tar"], ["ok"], first_key=3))["part_uri"][0])]
+    assert 0 < meta["bytes"][1] == (tmp_path / "staging" / meta["uri"][1].split("/staging/")[1]).stat().st_size
+    parts = [str(meta["uri"][1]), str(writer(_batch(["b.tar"], ["ok"], first_key=3))["uri"][0])]
     # A task re-executed by Ray stages its rows again; the final file keeps each id once.
-    parts.append(str(writer(_batch(["b.tar"], ["ok"], first_key=3))["part_uri"][0]))
+    parts.append(str(writer(_batch(["b.tar"], ["ok"], first_key=3))["uri"][0]))
     result = finalize_shard(parts, str(tmp_path / "dt=2026-11-22" / "b.parquet"), row_group_rows=2)
     table = pq.read_table(tmp_path / "dt=2026-11-22" / "b.parquet")
-    assert result["rows"] == table.num_rows == 3
-    assert result["counts"] == {"ok": 2, "error:decode": 1}
+    assert result.rows.rows == table.num_rows == 3
+    assert result.rows.counts == {"ok": 2, "error:decode": 1}
+    assert json.loads(result.stats) == {
+        "numRecords": 3,
+        "minValues": {"source_shard": "b.tar", "source_key": "0"},
+        "maxValues": {"source_shard": "b.tar", "source_key": "2"},
+        "nullCount": {"source_shard": 0, "source_key": 0},
+    }
+    assert result.bytes == (tmp_path / "dt=2026-11-22" / "b.parquet").stat().st_size
     assert table.schema.equals(OUTPUT_SCHEMA)
     chunks = pq.ParquetFile(tmp_path / "dt=2026-11-22" / "b.parquet").metadata.row_group(0)
     columns = {chunks.column(i).path_in_schema: chunks.column(i) for i in range(chunks.num_columns)}
@@ -61,20 +68,7 @@ def test_staged_parts_per_shard_then_one_final_file_with_the_contract_schema(tmp
     assert table.column("error_stage").to_pylist() == [None, "decode", None]
     assert table.column("run_id").to_pylist() == ["run-1"] * 3
     remaining = sorted(p.parent.name for p in (tmp_path / "staging").rglob("*.parquet"))
-    assert remaining == [str(meta["part_uri"][0]).split("/")[-2]]
-
-
-def test_commit_replaces_the_files_of_an_earlier_commit(tmp_path):
-    shard = Shard("a.tar", "tar", (ShardMember("s3://in/a.tar", 10, "etag-1"),))
-    old = tmp_path / "dt=2026-11-21" / f"{shard.output_name}.parquet"
-    old.parent.mkdir()
-    old.write_bytes(b"old")
-    commit_shard(str(tmp_path), shard, [f"dt=2026-11-21/{old.name}"], 3, {"ok": 3}, {}, "run-1")
-    new_name = f"dt=2026-11-22/{shard.output_name}.parquet"
-    entry = commit_shard(str(tmp_path), shard, [new_name], 3, {"ok": 3}, {"tuner_model": ["t"]}, "run-2")
-    assert not old.exists()
-    assert read_entry(str(tmp_path), shard) == entry
-    assert entry["input"]["fingerprint"] == shard.fingerprint and entry["files"] == [new_name]
+    assert remaining == [str(meta["uri"][0]).split("/")[-2]]
 
 
 def test_a_block_without_any_caption_writes_null_captions():
@@ -86,7 +80,7 @@ def test_a_block_without_any_caption_writes_null_captions():
 
 def test_a_failed_finalize_leaves_no_file_behind(tmp_path):
     writer = StagedPartWriter(str(tmp_path / "staging"), "run-1", NOW)
-    part = str(writer(_batch(["a.tar"], ["ok"]))["part_uri"][0])
+    part = str(writer(_batch(["a.tar"], ["ok"]))["uri"][0])
     target = tmp_path / "dt=2026-11-22" / "a-run-1.parquet"
     with pytest.raises(FileNotFoundError):
         finalize_shard([part, str(tmp_path / "staging" / "gone.parquet")], str(target))
