@@ -2,7 +2,9 @@
 
 Gaussian noise (float, unclipped, fixed seed) and Pillow JPEG on the images under --images, the
 degraded input and OpenCV's non-local means and bilateral filters scored alike, the "do no harm"
-PSNR on clean inputs, and the CPU throughput of the pipeline's tiled path. Prints the table and
+PSNR on clean inputs (forced through the network; the skipped column says how many the pipeline
+would pass through untouched), the model's size and cost (GMAC per megapixel), and the CPU
+throughput of the tune stage's path against one whole-image pass. Prints the table and
 writes it as JSON and Markdown; --write-card also records it in the model's card.
 """
 
@@ -12,9 +14,10 @@ import argparse
 
 from pipeline.core.config import CHECKPOINT_CACHE, RANDOM
 from pipeline.stages.tune import load_tuner_model
-from pipeline.training.card import add_evaluation
+from pipeline.training.card import add_evaluation, describe_architecture
 from pipeline.training.data import read_image_set
 from pipeline.training.evaluate import evaluate, format_markdown, measure_throughput, save_table
+from pipeline.training.thresholds import format_thresholds, measure_thresholds
 
 
 def _levels(text: str) -> list[int]:
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="tuner-eval", help="writes OUT.json and OUT.md (local path or URI)")
     parser.add_argument("--dataset", help="name of the image set in the table (default: last part of --images)")
     parser.add_argument("--write-card", action="store_true", help="record the table in the model's card")
+    parser.add_argument(
+        "--thresholds", action="store_true", help="also measure where restoring stops paying (the tune.skip_* settings)"
+    )
     args = parser.parse_args(argv)
 
     model, model_id = load_tuner_model(args.model, CHECKPOINT_CACHE)
@@ -47,7 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     markdown = format_markdown(table, f"{dataset}, {len(images)} images, {model_id} (PSNR dB / SSIM)")
     if "throughput" in result:
         bench = result["throughput"]
-        markdown += f"\nCPU throughput: {bench['megapixels_per_second']:.3f} MP/s ({bench['threads']} threads)\n"
+        markdown += (
+            f"\nCPU throughput ({bench['threads']} threads, {bench['shape'][1]}×{bench['shape'][0]}): tune stage "
+            f"{bench['megapixels_per_second']:.3f} MP/s, one whole-image pass "
+            f"{bench['whole_image_megapixels_per_second']:.3f} MP/s, fixed 512-px tiles "
+            f"{bench['tiles_512_megapixels_per_second']:.3f} MP/s\n"
+        )
+    architecture = describe_architecture(model)
+    result["architecture"] = architecture
+    markdown += (
+        f"\nModel: {architecture['parameters']:,} parameters, {architecture['gmac_per_megapixel']:.1f} GMAC/MP\n"
+    )
+    if args.thresholds:
+        result["thresholds"] = measure_thresholds(model, [pixels for _, pixels in images])
+        markdown += format_thresholds(result["thresholds"])
     print(markdown)
     save_table(args.out, result, markdown)
     print(f"wrote {args.out}.json and {args.out}.md")

@@ -1,6 +1,7 @@
 """``python -m jobs.prepare_wallpapers --output DIR``: the default tuner's training images.
 
-Downloads Debian's ``mate-backgrounds`` and ``plasma-workspace-wallpapers`` with ``apt-get download``
+Downloads Debian's wallpaper packages (``mate-backgrounds``, ``plasma-workspace-wallpapers``,
+``lomiri-wallpapers-16.04``, ``lomiri-wallpapers-20.04``) with ``apt-get download``
 (or takes the .deb files in --debs), extracts them with ``dpkg-deb -x``, keeps the photographs, and
 writes one WebDataset shard plus ``_provenance.json`` (packages, versions, per-file copyright and
 licence from each package's debian/copyright) to --output. Then:
@@ -21,7 +22,7 @@ from pipeline.training.wallpapers import download_packages, extract_package, sel
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.prepare_wallpapers", description=__doc__)
     parser.add_argument("--output", required=True, help="directory for the shard and _provenance.json")
-    parser.add_argument("--debs", help="directory holding the two .deb files (default: apt-get download them)")
+    parser.add_argument("--debs", help="directory holding the .deb files (default: apt-get download them)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         debs = sorted(Path(args.debs).glob("*.deb")) if args.debs else download_packages(Path(scratch) / "debs")

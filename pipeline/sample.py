@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.models.degrade import add_gaussian_noise, jpeg_compress
+from pipeline.models.degrade import add_gaussian_noise, jpeg_encode
 
 PHOTOS = {
     "astronaut.png": "an astronaut in an orange suit in front of the american flag",
@@ -61,8 +61,8 @@ def sample_records(max_side: int = 512, seed: int = 0) -> list[SampleRecord]:
             pixels = np.asarray(image.convert("RGB"))
             noisy = Image.fromarray(add_gaussian_noise(pixels, 25.0, rng))
             records.append(SampleRecord(f"{index:03d}-{stem}-noisy", _encode(noisy, "png"), "png", caption))
-            blocky = Image.fromarray(jpeg_compress(pixels, 10))
-            records.append(SampleRecord(f"{index:03d}-{stem}-jpeg10", _encode(blocky, "jpeg"), "jpg", None))
+            # Saved at quality 10 itself, as a heavily compressed file is: its tables say so.
+            records.append(SampleRecord(f"{index:03d}-{stem}-jpeg10", jpeg_encode(pixels, 10), "jpg", None))
     truncated = records[0].data[: len(records[0].data) // 3]
     records.append(SampleRecord("999-truncated", truncated, "png", "a file cut short in transfer"))
     return records

@@ -2,9 +2,11 @@
 
 The photographs are scikit-image's (the demo's sample, :mod:`pipeline.sample`), cropped to a
 random aspect ratio and resized to 0.3–6 megapixels, with mild sensor-like noise so that files
-have the size and entropy of real photographs rather than of smooth upscales. Every image is a
-pure function of ``(seed, index)``; a dataset larger than ``UNIQUE_IMAGES`` repeats the same images
-under new keys, so the 10× memory run costs no more to generate than the 1× run.
+have the size and entropy of real photographs rather than of smooth upscales. The mix is what the
+tuner meets in real datasets: mostly camera JPEGs at quality 90 and lossless PNGs, some small,
+heavily compressed web JPEGs, and a few small noisy photographs. Every image is a pure function
+of ``(seed, index)``; a dataset larger than ``UNIQUE_IMAGES`` repeats the same images under new
+keys, so the 10× memory run costs no more to generate than the 1× run.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ PNG_MEGAPIXELS = (0.3, 2.0)  # PNGs are screenshots and graphics more often than
 ASPECTS = (4 / 3, 3 / 2, 16 / 9, 1.0, 3 / 4, 2 / 3)
 NOISE_SIGMA = 3.0
 JPEG_QUALITY = 90
+WEB_MEGAPIXELS = (0.3, 1.0)  # the low-quality and the noisy images: about the working size, so it shows
+WEB_QUALITY = 25  # every 8th image from the second: a heavily compressed web JPEG
+NOISY_SIGMA = 15.0  # every 12th image from the fifth: a noisy photograph (saved as a camera JPEG)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class ImageSpec:
     height: int
     format: Literal["jpeg", "png"]
     seed: int
+    quality: int = JPEG_QUALITY
+    noise: float = NOISE_SIGMA
 
     @property
     def megapixels(self) -> float:
@@ -68,29 +75,33 @@ class BenchDataset:
 
 
 def image_spec(index: int, seed: int) -> ImageSpec:
-    """The ``index``-th distinct image: every third a PNG, the others JPEGs."""
+    """The ``index``-th distinct image: every third a PNG; of the JPEGs, a few heavily compressed
+    (``WEB_QUALITY``) or noisy (``NOISY_SIGMA``) ones at about the working size, the rest camera JPEGs."""
     rng = np.random.default_rng([seed, index])
     image_format: Literal["jpeg", "png"] = "png" if index % 3 == 2 else "jpeg"
-    low, high = PNG_MEGAPIXELS if image_format == "png" else JPEG_MEGAPIXELS
+    web, noisy = image_format == "jpeg" and index % 8 == 1, image_format == "jpeg" and index % 12 == 4
+    low, high = PNG_MEGAPIXELS if image_format == "png" else WEB_MEGAPIXELS if web or noisy else JPEG_MEGAPIXELS
     pixels = rng.uniform(low, high) * 1e6
     aspect = float(rng.choice(ASPECTS))
     width = round(math.sqrt(pixels * aspect))
     names = list(PHOTOS)
-    return ImageSpec(index, names[index % len(names)], width, round(width / aspect), image_format, seed)
+    photo, height = names[index % len(names)], round(width / aspect)
+    quality, noise = WEB_QUALITY if web else JPEG_QUALITY, NOISY_SIGMA if noisy else NOISE_SIGMA
+    return ImageSpec(index, photo, width, height, image_format, seed, quality, noise)
 
 
 def source_pixels(spec: ImageSpec) -> np.ndarray:
     """The lossless image before encoding (uint8 HxWx3): the reference that decoding is scored against."""
     cropped = ImageOps.fit(_photo(spec.photo), (spec.width, spec.height), Image.Resampling.LANCZOS)
-    return add_gaussian_noise(np.asarray(cropped), NOISE_SIGMA, np.random.default_rng([spec.seed, spec.index, 1]))
+    return add_gaussian_noise(np.asarray(cropped), spec.noise, np.random.default_rng([spec.seed, spec.index, 1]))
 
 
 def encoded_image(spec: ImageSpec) -> bytes:
-    """``spec`` encoded as a camera (JPEG, quality 90, 4:2:0) or an image editor (PNG) would."""
+    """``spec`` encoded as a camera or a website (JPEG at its quality, 4:2:0) or an image editor (PNG) would."""
     buffer = io.BytesIO()
     image = Image.fromarray(source_pixels(spec))
     if spec.format == "jpeg":
-        image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+        image.save(buffer, "JPEG", quality=spec.quality)
     else:
         image.save(buffer, "PNG")
     return buffer.getvalue()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import io
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,8 +32,10 @@ from pipeline.readers.shards import read_shard
 from pipeline.runner.job import build_stages
 from pipeline.stages.base import Stage
 from pipeline.stages.decode import DRAFT_GAP, decode_image, working_size
+from pipeline.stages.tune import TuneStage
 from pipeline.writers.parquet import StagedPartWriter, finalize_shard
 
+TUNE_EVERY_IMAGE = "tune, every image (tune.skip=false)"  # timed beside the stages, not one of them
 DRAFT_MIN_MEGAPIXELS = 2.0  # "multi-megapixel": where DCT-domain downscaling is meant to pay
 
 
@@ -101,7 +103,11 @@ def read_batches(config: JobConfig) -> tuple[Timing, list[Batch]]:
 
 
 def run_stages_alone(config: JobConfig, workdir: Path) -> tuple[list[Timing], list[Batch]]:
-    """Time read, decode, each model stage, encode and write; returns the timings and the read batches."""
+    """Time read, decode, each model stage, encode and write; returns the timings and the read batches.
+
+    The tune stage is timed twice on the same decoded batches: as configured (skipping the images
+    with nothing to restore) and with ``tune.skip`` off, restoring every image.
+    """
     stages = build_stages(config)
     read, raw = read_batches(config)
     timings = [read]
@@ -111,10 +117,29 @@ def run_stages_alone(config: JobConfig, workdir: Path) -> tuple[list[Timing], li
     steps.append((stages.encode, config.write.batch_rows))
     for stage, rows in steps:
         stage.setup()
-        timing, batches = time_batches(stage.name, stage.process, rebatch(batches, rows))
-        timings.append(timing)
+        inputs = rebatch(batches, rows)
+        timing, batches = time_batches(stage.name, stage.process, inputs)
+        if stage.name == TuneStage.name:
+            timing.note = _actions(batches)
+            timings += [timing, _tune_every_image(config, inputs)]
+        else:
+            timings.append(timing)
     timings.append(time_write(config, batches, workdir / "standalone-output"))
     return timings, raw
+
+
+def _tune_every_image(config: JobConfig, batches: list[Batch]) -> Timing:
+    """The tune stage with skipping off, on the batches the configured one had."""
+    stage = TuneStage(replace(config.tune, skip=False), config.runner.checkpoint_cache)
+    stage.setup()
+    timing, _ = time_batches(TUNE_EVERY_IMAGE, stage.process, batches)
+    return timing
+
+
+def _actions(batches: list[Batch]) -> str:
+    """How many images the tune stage restored and skipped, e.g. ``restored 5, skipped 19``."""
+    verdicts = Counter(str(action).split(":")[0] for batch in batches for action in batch["tune_action"] if action)
+    return ", ".join(f"{verdict} {count}" for verdict, count in sorted(verdicts.items()))
 
 
 def time_write(config: JobConfig, batches: list[Batch], output: Path) -> Timing:

@@ -63,9 +63,27 @@ class TuneConfig:
     """
 
     model: str | None = "default"  # a checkpoint file or directory (any URI), `default` (packaged) or `random`
-    tile_size: int = 512
-    tile_overlap: int = 32
+    tile_size: int | None = None  # None: whole images where they fit in memory_fraction, else the largest tiles that do
+    tile_overlap: int | None = None  # None: the model's receptive radius (tiles agree with the whole image)
     batch_size: int = 8
+    memory_fraction: float = 0.25  # of the device's free memory (the host's available memory on a CPU)
+    skip: bool = True  # images with nothing to restore pass through unchanged, without a network pass
+    skip_quality: int = 90  # JPEG (effective) quality from which there is nothing to deblock
+    skip_sigma: float = 2.0  # estimated noise below which there is nothing to denoise
+    deblock_max_scale: float = 3.0  # a JPEG shrunk more than this to the working size is not deblocked
+
+    def validate(self) -> None:
+        """Refuse tiling and skipping settings that cannot work, naming the setting."""
+        if self.tile_size is not None and self.tile_overlap is not None and self.tile_overlap * 2 >= self.tile_size:
+            raise ValueError(
+                f"tune.tile_overlap={self.tile_overlap} must be under half of tune.tile_size={self.tile_size}"
+            )
+        if any(value is not None and value % 2 for value in (self.tile_size, self.tile_overlap)):
+            raise ValueError("tune.tile_size and tune.tile_overlap must be even")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"tune.memory_fraction={self.memory_fraction} must be in (0, 1]")
+        if not 1 <= self.skip_quality <= 101:
+            raise ValueError(f"tune.skip_quality={self.skip_quality} must be within 1..101 (101: never skip a JPEG)")
 
 
 @dataclass
@@ -200,12 +218,7 @@ class JobConfig:
             )
         if self.decode.max_side < 16:
             raise ValueError(f"decode.max_side={self.decode.max_side} is too small; use at least 16")
-        if self.tune.tile_overlap * 2 >= self.tune.tile_size:
-            raise ValueError(
-                f"tune.tile_overlap={self.tune.tile_overlap} must be under half of tune.tile_size={self.tune.tile_size}"
-            )
-        if self.tune.tile_size % 2 or self.tune.tile_overlap % 2:
-            raise ValueError("tune.tile_size and tune.tile_overlap must be even")
+        self.tune.validate()
         if not 1 <= self.encode.quality <= 100:
             raise ValueError(f"encode.quality={self.encode.quality} must be within 1..100")
         if self.runner.model_memory_gb < 0:

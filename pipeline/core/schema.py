@@ -25,11 +25,14 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("format", pa.string()),
+        pa.field("jpeg_quality", pa.int32()),
+        pa.field("noise_sigma", pa.float32()),
         pa.field("caption", pa.string()),
         pa.field("tuned_image", pa.binary()),
         pa.field("tuned_format", pa.string()),
         pa.field("tuned_width", pa.int32()),
         pa.field("tuned_height", pa.int32()),
+        pa.field("tune_action", pa.string()),
         pa.field("generated_caption", pa.string()),
         pa.field("clip_score", pa.float32()),
         pa.field("generated_clip_score", pa.float32()),
@@ -49,12 +52,13 @@ _NULL_WHEN_EMPTY = {
     "format",
     "tuned_format",
     "generated_caption",
+    "tune_action",
     "tuner_model",
     "caption_model",
     "clip_model",
 }
-_NULL_WHEN_NEGATIVE = {"width", "height", "tuned_width", "tuned_height"}
-_NULL_WHEN_NAN = {"clip_score", "generated_clip_score"}
+_NULL_WHEN_NEGATIVE = {"width", "height", "jpeg_quality", "tuned_width", "tuned_height"}
+_NULL_WHEN_NAN = {"noise_sigma", "clip_score", "generated_clip_score"}
 
 
 def to_output_table(batch: Batch, run_id: str, processed_at: datetime) -> pa.Table:

@@ -40,14 +40,22 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
-def jpeg_compress(image: np.ndarray, quality: int) -> np.ndarray:
-    """A JPEG round trip at ``quality`` (4:2:0 chroma, as cameras and the web use)."""
+def jpeg_encode(image: np.ndarray, quality: int, subsampling: int = 2) -> bytes:
+    """``image`` (uint8 RGB) as a JPEG file at ``quality``; ``subsampling`` 2 is 4:2:0 (Pillow's
+    default, as cameras and the web use), 0 is 4:4:4."""
     buffer = io.BytesIO()
-    Image.fromarray(image, "RGB").save(buffer, "JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    Image.fromarray(image, "RGB").save(buffer, "JPEG", quality=quality, subsampling=subsampling)
+    return buffer.getvalue()
 
 
-def double_jpeg_compress(image: np.ndarray, first: int, second: int, shift: tuple[int, int]) -> np.ndarray:
+def jpeg_compress(image: np.ndarray, quality: int, subsampling: int = 2) -> np.ndarray:
+    """A JPEG round trip at ``quality`` (4:2:0 chroma unless ``subsampling`` says otherwise)."""
+    return np.asarray(Image.open(io.BytesIO(jpeg_encode(image, quality, subsampling))).convert("RGB"))
+
+
+def double_jpeg_compress(
+    image: np.ndarray, first: int, second: int, shift: tuple[int, int], subsampling: int = 2
+) -> np.ndarray:
     """Compress at quality ``first`` on a block grid shifted by ``shift`` pixels, then at ``second`` aligned.
 
     What a re-saved crop looks like: the first save's 8×8 (16×16 for chroma) blocks no longer line
@@ -56,5 +64,5 @@ def double_jpeg_compress(image: np.ndarray, first: int, second: int, shift: tupl
     """
     dy, dx = shift
     padded = np.pad(image, ((dy, 0), (dx, 0), (0, 0)), mode="edge")
-    once = jpeg_compress(padded, first)[dy:, dx:]
-    return jpeg_compress(np.ascontiguousarray(once), second)
+    once = jpeg_compress(padded, first, subsampling)[dy:, dx:]
+    return jpeg_compress(np.ascontiguousarray(once), second, subsampling)

@@ -1,11 +1,10 @@
 """The restoration CNN ("tuner") and how it is applied to images of any size.
 
 A residual network: it predicts a correction that is added to the image, so an untrained network
-whose last layer is zero is exactly the identity. Two bodies share that contract: ``plain`` is a
-stack of 3×3 convolutions on a pixel-unshuffled input (FFDNet-style; with ``unshuffle=1`` it is a
-DnCNN-style stack), ``unet`` is a small NAFNet-style U-Net (LayerNorm, depthwise conv, SimpleGate;
-without NAFNet's global channel attention, so every output pixel depends only on a bounded window).
-Large images are cut into overlapping tiles whose overlap covers the receptive field, so tiled and
+whose last layer is zero is exactly the identity. Its bodies and their shapes are in
+``pipeline.models.tuner_arch``. A conditioned tuner also takes what the pipeline knows about each
+image (its noise level, its JPEG quality: ``pipeline.models.assess``) as constant maps. Large
+images are cut into overlapping tiles whose overlap covers the receptive field, so tiled and
 untiled outputs agree and memory stays bounded whatever the image size.
 """
 
@@ -13,10 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -26,169 +25,48 @@ from torch.nn import functional as F
 
 from pipeline.models.checkpoints import CheckpointError, file_digest, load_state_dict
 from pipeline.models.staging import HostStaging
+from pipeline.models.tuner_arch import TunerArch, UNetBody, plain_body
 
-FORMAT = "imagetune-tuner-v1"
+# v2 added the conditioning maps (``TunerArch.conditions``); a v1 checkpoint is a blind tuner.
+FORMAT = "imagetune-tuner-v2"
+READABLE_FORMATS = ("imagetune-tuner-v1", FORMAT)
 DEFAULT = "default"
 DEFAULT_DIR = Path(__file__).parent / "default_tuner"
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TunerArch:
-    """Shape of the network; stored in the checkpoint so loading needs no other input.
-
-    ``plain``: ``depth`` 3×3 convolutions of ``channels`` on the ``unshuffle``-times unshuffled image.
-    ``unet``: ``levels`` downsamplings, ``depth`` blocks per level on each side and in the middle,
-    ``channels`` at full (unshuffled) resolution, doubled per level.
-    """
-
-    channels: int = 64
-    depth: int = 8
-    unshuffle: int = 2
-    kind: Literal["plain", "unet"] = "plain"
-    levels: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("plain", "unet"):
-            raise ValueError(f"tuner kind {self.kind!r} must be 'plain' or 'unet'")
-        if self.kind == "plain" and self.depth < 2:
-            raise ValueError(f"a plain tuner needs depth >= 2, got {self.depth}")
-        if min(self.channels, self.unshuffle) < 1 or self.depth < 1 or self.levels < 0:
-            raise ValueError(f"invalid tuner shape {self}")
-
-    @property
-    def multiple(self) -> int:
-        """Image sizes and tile offsets must be multiples of this (unshuffle times the downsamplings)."""
-        return self.unshuffle * 2 ** (self.levels if self.kind == "unet" else 0)
-
-    @property
-    def receptive_radius(self) -> int:
-        """Pixels of context on each side that influence one output pixel (an upper bound)."""
-        unit = self.unshuffle
-        if self.kind == "plain":
-            return self.depth * unit + unit
-        scales = [unit * 2**level for level in range(self.levels)]
-        # Unshuffle, intro and outro convolutions; per level, two block stacks, a downsampling and an upsampling.
-        return 3 * unit + sum((2 * self.depth + 3) * scale for scale in scales) + self.depth * unit * 2**self.levels
-
-    def macs_per_pixel(self) -> float:
-        """Multiply-accumulates of the convolutions per input pixel (×1000 = MACs per megapixel ÷ 10⁶)."""
-        wide, width = 3 * self.unshuffle**2, self.channels
-        area = 1 / self.unshuffle**2
-        if self.kind == "plain":
-            per_cell = 9 * (wide * width + (self.depth - 2) * width * width + width * wide)
-            return per_cell * area
-        total = 2 * 9 * wide * width * area  # intro and outro
-        for level in range(self.levels):
-            level_area = area / 4**level
-            total += 2 * self.depth * _naf_block_macs(width) * level_area
-            total += 4 * width * 2 * width * level_area / 4  # 2×2 stride-2 downsampling to 2·width
-            total += 2 * width * 4 * width * level_area / 4  # 1×1 to 4·width, then pixel shuffle
-            width *= 2
-        return total + self.depth * _naf_block_macs(width) * area / 4**self.levels
-
-
-def _naf_block_macs(width: int) -> int:
-    """Per pixel: 1×1 to 2w, depthwise 3×3 on 2w, 1×1 w→w, then the gated 1×1 feed-forward (w→2w→w)."""
-    return 2 * width * width + 9 * 2 * width + width * width + 2 * width * width + width * width
-
-
-class _LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of each pixel (NAFNet's): local, unlike batch or instance norms."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        variance = (x - mean).pow(2).mean(1, keepdim=True)
-        return (x - mean) * torch.rsqrt(variance + 1e-6) * self.weight + self.bias
-
-
-class _NAFBlock(nn.Module):
-    """NAFNet's block without its global channel attention: gated depthwise mixing, then a gated MLP."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = _LayerNorm2d(width), _LayerNorm2d(width)
-        self.expand = nn.Conv2d(width, 2 * width, 1)
-        self.depthwise = nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=2 * width)
-        self.project = nn.Conv2d(width, width, 1)
-        self.ffn_expand = nn.Conv2d(width, 2 * width, 1)
-        self.ffn_project = nn.Conv2d(width, width, 1)
-        self.beta = nn.Parameter(torch.zeros(1, width, 1, 1))
-        self.gamma = nn.Parameter(torch.zeros(1, width, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first, second = self.depthwise(self.expand(self.norm1(x))).chunk(2, dim=1)
-        x = x + self.project(first * second) * self.beta
-        first, second = self.ffn_expand(self.norm2(x)).chunk(2, dim=1)
-        return x + self.ffn_project(first * second) * self.gamma
-
-
-class _UNetBody(nn.Module):
-    def __init__(self, arch: TunerArch, wide: int) -> None:
-        super().__init__()
-        width = arch.channels
-        self.intro = nn.Conv2d(wide, width, 3, padding=1)
-        self.encoders, self.downs, self.ups, self.decoders = (nn.ModuleList() for _ in range(4))
-        for _ in range(arch.levels):
-            self.encoders.append(nn.Sequential(*(_NAFBlock(width) for _ in range(arch.depth))))
-            self.downs.append(nn.Conv2d(width, 2 * width, 2, stride=2))
-            self.ups.insert(0, nn.Sequential(nn.Conv2d(2 * width, 4 * width, 1, bias=False), nn.PixelShuffle(2)))
-            self.decoders.insert(0, nn.Sequential(*(_NAFBlock(width) for _ in range(arch.depth))))
-            width *= 2
-        self.middle = nn.Sequential(*(_NAFBlock(width) for _ in range(arch.depth)))
-        self.outro = nn.Conv2d(arch.channels, wide, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.intro(x)
-        skips = []
-        for encoder, down in zip(self.encoders, self.downs, strict=True):
-            x = encoder(x)
-            skips.append(x)
-            x = down(x)
-        x = self.middle(x)
-        for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips), strict=True):
-            x = decoder(up(x) + skip)
-        return self.outro(x)
-
-
 class RestorationNet(nn.Module):
-    """Pixel-unshuffle → body → pixel-shuffle, plus the input (residual learning)."""
+    """Pixel-unshuffle → body → pixel-shuffle, plus the input (residual learning).
+
+    A conditioned network (``arch.conditions``) also takes one value per image and map, spread over
+    the unshuffled grid beside the pixels, as FFDNet feeds its noise map.
+    """
 
     def __init__(self, arch: TunerArch) -> None:
         super().__init__()
         self.arch = arch
-        wide = 3 * arch.unshuffle**2
-        if arch.kind == "unet":
-            self.body: nn.Module = _UNetBody(arch, wide)
-        else:
-            layers: list[nn.Module] = [nn.Conv2d(wide, arch.channels, 3, padding=1), nn.ReLU(inplace=True)]
-            for _ in range(arch.depth - 2):
-                layers += [nn.Conv2d(arch.channels, arch.channels, 3, padding=1), nn.ReLU(inplace=True)]
-            layers.append(nn.Conv2d(arch.channels, wide, 3, padding=1))
-            self.body = nn.Sequential(*layers)
-            # He initialisation: PyTorch's default shrinks activations layer by layer, and a plain
-            # stack without normalisation then barely trains (measured: no gain in 300 steps).
-            for layer in layers[:-1:2]:
-                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-                nn.init.zeros_(layer.bias)
+        self.body: nn.Module = plain_body(arch) if arch.kind == "plain" else UNetBody(arch)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     @property
     def head(self) -> nn.Conv2d:
         """The last convolution (zero at initialisation, which makes the network the identity)."""
-        return self.body.outro if self.arch.kind == "unet" else self.body[-1]
+        return self.body[-1] if self.arch.kind == "plain" else self.body.outro
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: N×3×H×W in [0, 1], H and W multiples of ``arch.multiple``."""
-        residual = self.body(F.pixel_unshuffle(x, self.arch.unshuffle))
-        return x + F.pixel_shuffle(residual, self.arch.unshuffle)
+    def forward(self, x: torch.Tensor, conditions: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: N×3×H×W in [0, 1], H and W multiples of ``arch.multiple``; ``conditions``: N×C, one
+        column per name in ``arch.conditions`` (see ``pipeline.models.assess.condition_vector``)."""
+        features = F.pixel_unshuffle(x, self.arch.unshuffle)
+        wanted = len(self.arch.conditions)
+        if wanted:
+            if conditions is None or conditions.shape != (x.shape[0], wanted):
+                got = None if conditions is None else tuple(conditions.shape)
+                raise ValueError(f"this tuner takes conditions {self.arch.conditions} per image; got {got}")
+            maps = conditions.to(features.dtype)[:, :, None, None].expand(-1, -1, *features.shape[2:])
+            features = torch.cat([features, maps], dim=1)
+        return x + F.pixel_shuffle(self.body(features), self.arch.unshuffle)
 
 
 def save_tuner(model: RestorationNet, path: str, metadata: dict[str, str] | None = None) -> None:
@@ -211,7 +89,7 @@ def load_tuner(path: str | Path) -> tuple[RestorationNet, str]:
             meta = handle.metadata() or {}
     except Exception as error:
         raise CheckpointError(f"corrupt or unreadable tuner checkpoint {path}: {error}") from error
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path} is not an imagetune tuner checkpoint (format={meta.get('format')!r})")
     model = RestorationNet(TunerArch(**json.loads(meta["arch"])))
     try:
@@ -268,49 +146,72 @@ def tile_geometry(arch: TunerArch, tile_size: int, overlap: int) -> tuple[int, i
     return tile_size, overlap
 
 
+def pixels_in_memory(arch: TunerArch, memory_bytes: float) -> int:
+    """How many pixels one inference pass of ``arch`` can hold in ``memory_bytes``."""
+    return int(memory_bytes / arch.activation_bytes_per_pixel())
+
+
 @torch.inference_mode()
 def restore_images(
     model: RestorationNet,
     images: list[np.ndarray],
-    tile_size: int,
+    tile_size: int | None,
     overlap: int,
     batch_size: int,
     device: torch.device,
     staging: HostStaging | None = None,
+    conditions: list[np.ndarray] | None = None,
+    max_pixels: int | None = None,
 ) -> list[np.ndarray]:
     """Apply ``model`` to uint8 HxWx3 images of any sizes; returns uint8 images of the same sizes.
 
-    Tiles of equal shape, from any image of the batch, run together in batches of ``batch_size``;
-    they reach the device through ``staging`` (an actor keeps one; by default a new one).
-    Tile size and overlap are rounded as ``tile_geometry`` says, so tiled output equals untiled output.
+    With ``tile_size`` None, an image of at most ``max_pixels`` (padded to the grid) runs whole,
+    and a larger one in the largest square tiles of at most ``max_pixels``: no overlap is paid for
+    an image that fits. Tiles of equal shape, from any image of the batch, run together, up to
+    ``batch_size`` at a time and ``max_pixels`` in all; they reach the device through ``staging``
+    (an actor keeps one; by default a new one). A conditioned model takes each image's
+    ``conditions`` vector with every tile of that image. Tile size and overlap are rounded as
+    ``tile_geometry`` says, so tiled output equals untiled output.
     """
     factor = model.arch.multiple
-    tile_size, overlap = tile_geometry(model.arch, tile_size, overlap)
+    if tile_size is None and not max_pixels:
+        raise ValueError("restore_images needs a tile_size or max_pixels")
+    side = tile_size if tile_size is not None else max(math.isqrt(max_pixels), 2 * overlap + 2 * factor)
+    side, overlap = tile_geometry(model.arch, side, overlap)
     padded = [_pad_to_multiple(image, factor) for image in images]
     outputs = [np.empty_like(image) for image in padded]
     groups: dict[tuple[int, int], list[_Tile]] = defaultdict(list)
     for index, image in enumerate(padded):
         height, width = image.shape[:2]
-        for y, y0, y1 in _starts(height, tile_size, overlap):
-            for x, x0, x1 in _starts(width, tile_size, overlap):
-                shape = (min(tile_size, height), min(tile_size, width))
-                groups[shape].append(_Tile(index, y, x, (y0, y1, x0, x1)))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        whole = tile_size is None and height * width <= max_pixels
+        tile_h, tile_w = (height, width) if whole else (min(side, height), min(side, width))
+        for y, y0, y1 in _starts(height, tile_h, overlap):
+            for x, x0, x1 in _starts(width, tile_w, overlap):
+                groups[tile_h, tile_w].append(_Tile(index, y, x, (y0, y1, x0, x1)))
     staging = staging or HostStaging(device)
     for (tile_h, tile_w), tiles in groups.items():
-        for start in range(0, len(tiles), batch_size):
-            chunk = tiles[start : start + batch_size]
-            inputs = staging.to_device([padded[t.image][t.y : t.y + tile_h, t.x : t.x + tile_w] for t in chunk])
-            inputs = inputs.permute(0, 3, 1, 2)
-            inputs = inputs.float().div_(255.0).contiguous(memory_format=torch.channels_last)
-            with autocast:
-                result = model(inputs)
-            result = result.float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
-            result = result.permute(0, 2, 3, 1).cpu().numpy()
+        per_batch = max(1, min(batch_size, (max_pixels or tile_h * tile_w * batch_size) // (tile_h * tile_w)))
+        for start in range(0, len(tiles), per_batch):
+            chunk = tiles[start : start + per_batch]
+            crops = [padded[t.image][t.y : t.y + tile_h, t.x : t.x + tile_w] for t in chunk]
+            values = None if conditions is None else np.stack([conditions[t.image] for t in chunk])
+            result = _run_tiles(model, staging.to_device(crops), values, device)
             for tile, pixels in zip(chunk, result, strict=True):
                 y0, y1, x0, x1 = tile.keep
                 outputs[tile.image][y0:y1, x0:x1] = pixels[y0 - tile.y : y1 - tile.y, x0 - tile.x : x1 - tile.x]
     return [out[: img.shape[0], : img.shape[1]] for out, img in zip(outputs, images, strict=True)]
+
+
+def _run_tiles(
+    model: RestorationNet, tiles: torch.Tensor, conditions: np.ndarray | None, device: torch.device
+) -> np.ndarray:
+    """N×H×W×3 uint8 tiles on the device → the model's N×H×W×3 uint8 output on the host."""
+    inputs = tiles.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    values = None if conditions is None else torch.from_numpy(conditions).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        result = model(inputs, values)
+    result = result.float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+    return result.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _pad_to_multiple(image: np.ndarray, factor: int) -> np.ndarray:

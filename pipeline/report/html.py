@@ -207,8 +207,19 @@ def _row_facts(row: dict[str, Any]) -> str:
         ("generated", escape(row.get("generated_caption") or "—")),
         ("clip_score", score(row.get("clip_score"))),
         ("generated_clip_score", score(row.get("generated_clip_score"))),
+        ("source", _source_facts(row)),
+        ("tune", escape(row.get("tune_action") or "—")),
     ]
     return "<dl>" + "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in facts) + "</dl>"
+
+
+def _source_facts(row: dict[str, Any]) -> str:
+    """What decode found: the JPEG quality the tables imply (if any) and the estimated noise."""
+    quality, sigma = row.get("jpeg_quality"), row.get("noise_sigma")
+    parts = [f"JPEG q{quality}" if quality is not None else "not a libjpeg JPEG"]
+    if sigma is not None:
+        parts.append(f"noise σ {sigma:.1f}")
+    return escape(", ".join(parts))
 
 
 def _picture(uri: str | None, label: str, missing: str) -> str:

@@ -45,6 +45,9 @@ ROW_COLUMNS = [
     "generated_caption",
     "clip_score",
     "generated_clip_score",
+    "jpeg_quality",
+    "noise_sigma",
+    "tune_action",
     "tuned_image",
 ]
 # Object addresses in messages (``<_io.BytesIO object at 0x7f…>``) differ per row but not per reason.
@@ -196,10 +199,14 @@ def _read_group(fs: fsspec.AbstractFileSystem, group: RowGroup, columns: list[st
 
 
 def stream_rows(fs: fsspec.AbstractFileSystem, group: RowGroup, columns: list[str]) -> Iterator[dict[str, Any]]:
-    """Rows of one row group in order, read page by page where the file's page layout allows it."""
+    """Rows of one row group in order, read page by page where the file's page layout allows it.
+
+    Columns the file does not have (an output written before they were added) are left out of its rows.
+    """
     with fs.open(group.path, "rb") as handle:
         parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
-        for batch in parquet.iter_batches(batch_size=16, row_groups=[group.index], columns=columns):
+        present = [column for column in columns if column in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=16, row_groups=[group.index], columns=present):
             yield from batch.to_pylist()
 
 

@@ -17,6 +17,7 @@ from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.core.batch import Batch, mark_error, num_rows, object_column, ok_mask, writable
+from pipeline.models.assess import equivalent_quality, estimate_noise_sigma, implied_quality
 from pipeline.stages.base import Stage
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
@@ -63,12 +64,20 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An upright RGB image plus facts about the original encoding."""
+    """An upright RGB image plus facts about the original encoding.
+
+    ``jpeg_quality``: the IJG quality the JPEG's quantization tables imply (None if not a JPEG or
+    not libjpeg's tables); ``jpeg_equivalent``: the nearest IJG quality, for any JPEG's tables;
+    ``scale``: how many times the stored image was shrunk to the working size (1 = not at all).
+    """
 
     pixels: np.ndarray
     width: int
     height: int
     format: str
+    jpeg_quality: int | None = None
+    jpeg_equivalent: float | None = None
+    scale: float = 1.0
 
 
 def decode_image(data: bytes, max_side: int, max_pixels: int, jpeg_draft: bool = True) -> DecodedImage:
@@ -113,6 +122,7 @@ def _decode(data: bytes, max_side: int, max_pixels: int, jpeg_draft: bool) -> De
         size = working_size(stored, max_side)
         profile = image.info.get("icc_profile")
         pixels = None
+        tables = getattr(image, "quantization", None) if image_format in ("jpeg", "mpo") else None
         if image_format in ("jpeg", "mpo"):
             if jpeg_draft and max(stored) >= 2 * DRAFT_GAP * max_side:
                 scale = DRAFT_GAP * max_side / max(stored)
@@ -139,7 +149,10 @@ def _decode(data: bytes, max_side: int, max_pixels: int, jpeg_draft: bool) -> De
     except Exception as error:  # Pillow's plugins raise many types on malformed data
         raise DecodeError(f"cannot decode image: {type(error).__name__}: {error}") from error
     original = stored[::-1] if orientation >= 5 else stored  # upright
-    return DecodedImage(pixels, original[0], original[1], image_format)
+    scale = max(stored) / max(size)
+    return DecodedImage(
+        pixels, original[0], original[1], image_format, implied_quality(tables), equivalent_quality(tables), scale
+    )
 
 
 def working_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -255,7 +268,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass
 class DecodeStage(Stage):
-    """Bytes → ``image`` (uint8 HxWx3) plus ``sha256``, original ``width``/``height``/``format``."""
+    """Bytes → ``image`` (uint8 HxWx3) plus ``sha256``, original ``width``/``height``/``format``, and
+    what the tune stage needs to know about the image's degradation: ``jpeg_quality`` (the IJG
+    quality its tables imply, -1 if none), ``noise_sigma`` (estimated on the working-size image,
+    NaN if not decoded), and internally ``_jpeg_equivalent`` (NaN if not a JPEG) and ``_scale``.
+    """
 
     max_side: int = 1024
     max_pixels: int = 178_956_970
@@ -267,8 +284,8 @@ class DecodeStage(Stage):
         rows = num_rows(batch)
         ok = ok_mask(batch)
         images = [EMPTY_IMAGE] * rows
-        width = np.full(rows, -1, dtype=np.int32)
-        height = np.full(rows, -1, dtype=np.int32)
+        width, height, quality = (np.full(rows, -1, dtype=np.int32) for _ in range(3))
+        sigma, equivalent, scale = (np.full(rows, np.nan, dtype=np.float32) for _ in range(3))
         formats = [""] * rows
         digests = [""] * rows
         for i, data in enumerate(batch.pop("image_bytes")):
@@ -281,17 +298,19 @@ class DecodeStage(Stage):
             except DecodeError as error:
                 mark_error(batch, i, self.name, str(error))
                 continue
-            images[i], width[i], height[i], formats[i] = (
-                decoded.pixels,
-                decoded.width,
-                decoded.height,
-                decoded.format,
-            )
+            images[i], width[i], height[i], formats[i] = decoded.pixels, decoded.width, decoded.height, decoded.format
+            quality[i] = -1 if decoded.jpeg_quality is None else decoded.jpeg_quality
+            equivalent[i] = np.nan if decoded.jpeg_equivalent is None else decoded.jpeg_equivalent
+            sigma[i], scale[i] = estimate_noise_sigma(decoded.pixels), decoded.scale
         batch.update(
             image=object_column(images),
             sha256=object_column(digests),
             width=width,
             height=height,
             format=object_column(formats),
+            jpeg_quality=quality,
+            noise_sigma=sigma,
+            _jpeg_equivalent=equivalent,
+            _scale=scale,
         )
         return batch

@@ -26,24 +26,35 @@ class DataConfig:
 class DegradeConfig:
     """The random degradation recipe applied to clean patches (probabilities are per patch).
 
-    A patch is left clean with ``p_clean``; otherwise noise and JPEG each happen with their
-    probability, in random order. Noise is Gaussian with sigma uniform in [0, ``sigma_max``] (blind),
-    or with ``p_poisson`` Poisson-Gaussian (photon count of white log-uniform in [``peak_min``,
-    ``peak_max``]); JPEG quality is uniform in [``quality_min``, ``quality_max``], a second,
-    grid-shifted compression following with ``p_double_jpeg``. With ``p_quantise`` the result is
-    clipped and rounded to uint8 like a stored file; otherwise it stays float, as benchmarks feed it.
+    Each patch is left clean (``p_clean``), compressed (``p_jpeg``), made noisy (``p_noise``), or made
+    noisy and then compressed (``p_noise_jpeg``, with sigma up to ``mixed_sigma_max`` and quality from
+    ``mixed_quality_min``), as a camera's noisy photograph is when it is saved as JPEG; the four sum
+    to 1. Noise is Gaussian with sigma uniform in [0, ``sigma_max``], or with ``p_poisson``
+    Poisson-Gaussian (photon count of white log-uniform in [``peak_min``, ``peak_max``]). JPEG
+    quality is uniform in [``focus_min``, ``focus_max``] with ``p_focus`` (the qualities that need
+    help), else in [``quality_min``, ``quality_max``]; chroma is 4:2:0 as Pillow and most encoders
+    write it, 4:4:4 with ``p_444``; with ``p_double_jpeg`` an earlier compression on a shifted grid
+    comes first (a re-saved crop). A noisy patch is clipped and rounded to uint8 like a stored file
+    with ``p_quantise``; otherwise it stays float, as benchmarks feed it.
     """
 
-    p_clean: float = 0.1
-    p_noise: float = 0.75
-    sigma_max: float = 55.0
-    p_poisson: float = 0.25
+    p_clean: float = 0.12
+    p_jpeg: float = 0.45
+    p_noise: float = 0.30
+    p_noise_jpeg: float = 0.13
+    sigma_max: float = 60.0
+    p_poisson: float = 0.2
     peak_min: float = 8.0
     peak_max: float = 500.0
-    p_jpeg: float = 0.4
     quality_min: int = 10
-    quality_max: int = 90
-    p_double_jpeg: float = 0.3
+    quality_max: int = 95
+    focus_min: int = 10
+    focus_max: int = 60
+    p_focus: float = 0.75
+    p_444: float = 0.15
+    p_double_jpeg: float = 0.25
+    mixed_sigma_max: float = 30.0
+    mixed_quality_min: int = 30
     p_quantise: float = 0.5
 
 
@@ -52,10 +63,11 @@ class OptimConfig:
     """Patches, batch, optimiser and learning-rate schedule.
 
     ``max_minutes`` bounds the wall time: the schedule then follows whichever of steps and time is
-    further along, so a time-boxed run still anneals to the end. ``loss="psnr"`` (NAFNet's choice)
-    averages each patch's PSNR instead of pooling squared errors: under L2 a heavily degraded patch, whose error
-    stays large, outweighs a clean one tens of times over, so the model learns to smooth
-    everything; per-patch dB weighs every level, "do no harm" included, as the evaluation does.
+    further along, so a time-boxed run still anneals to the end. ``loss="l1"`` (as FBCNN and DRUNet
+    train) pulls every pixel's error alike, whatever the patch. ``psnr`` (the mean per-patch PSNR,
+    NAFNet's) weighs a patch's error on a log scale, so the near-perfect patches (clean, lightly
+    compressed) pull hardest and the net is drawn to the identity exactly where JPEG artifacts
+    are subtle; pooled ``l2`` lets the most degraded patches outweigh the rest.
     """
 
     steps: int = 200_000
@@ -67,7 +79,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     schedule: Literal["cosine", "onecycle"] = "cosine"
     warmup_steps: int = 500
-    loss: Literal["l1", "l2", "charbonnier", "psnr"] = "psnr"
+    loss: Literal["l1", "l2", "charbonnier", "psnr"] = "l1"
     grad_clip: float = 1.0
     loader_workers: int = 0
 
@@ -122,11 +134,21 @@ class TrainConfig:
             )
         if self.optim.steps < 1 or self.val_every < 1 or self.optim.batch_size < 1:
             raise ValueError("optim.steps, optim.batch_size and val_every must be positive")
-        for name in ("p_clean", "p_noise", "p_poisson", "p_jpeg", "p_double_jpeg", "p_quantise"):
-            if not 0.0 <= getattr(self.degrade, name) <= 1.0:
-                raise ValueError(f"degrade.{name}={getattr(self.degrade, name)} must be a probability in [0, 1]")
-        if not 1 <= self.degrade.quality_min <= self.degrade.quality_max <= 100:
-            raise ValueError("degrade.quality_min and quality_max must satisfy 1 <= min <= max <= 100")
+        degrade = self.degrade
+        probabilities = ("p_clean", "p_jpeg", "p_noise", "p_noise_jpeg", "p_poisson", "p_focus", "p_444")
+        for name in (*probabilities, "p_double_jpeg", "p_quantise"):
+            if not 0.0 <= getattr(degrade, name) <= 1.0:
+                raise ValueError(f"degrade.{name}={getattr(degrade, name)} must be a probability in [0, 1]")
+        mix = degrade.p_clean + degrade.p_jpeg + degrade.p_noise + degrade.p_noise_jpeg
+        if abs(mix - 1.0) > 1e-6:
+            raise ValueError(f"degrade.p_clean + p_jpeg + p_noise + p_noise_jpeg = {mix:g}, must be 1")
+        for low, high in (
+            ("quality_min", "quality_max"),
+            ("focus_min", "focus_max"),
+            ("mixed_quality_min", "quality_max"),
+        ):
+            if not 1 <= getattr(degrade, low) <= getattr(degrade, high) <= 100:
+                raise ValueError(f"degrade.{low} and degrade.{high} must satisfy 1 <= {low} <= {high} <= 100")
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> TrainConfig:

@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.core.batch import OK
 from pipeline.core.config import ReadConfig
+from pipeline.models.assess import conditions_for
 from pipeline.readers.plan import Shard, plan_shards
 from pipeline.readers.shards import read_shard
 from pipeline.stages.decode import DecodeError, decode_image
@@ -86,30 +87,41 @@ def random_patch(image: np.ndarray, size: int, rng: np.random.Generator) -> np.n
 
 
 class PatchStream(IterableDataset):
-    """An endless stream of (degraded, clean) C×H×W float tensors from random patches of the images.
+    """An endless stream of (degraded, clean, conditions) tensors from random patches of the images.
 
-    Images are drawn in proportion to their area. Seeded from ``seed`` (e.g. run seed, rank, step)
-    plus the DataLoader worker, so workers differ and a resumed run continues with fresh patches.
+    Patches are C×H×W floats; ``conditions`` holds what the pipeline would tell the tuner about the
+    degraded patch (``pipeline.models.assess``: the noise level estimated on it, and its JPEG
+    header's quality), one value per name in ``conditions``, so the model trains on what it will
+    be given. Images are drawn in proportion to their area. Seeded from ``seed`` (e.g. run seed,
+    rank, step) plus the DataLoader worker, so workers differ and a resumed run continues with
+    fresh patches.
     """
 
     def __init__(
-        self, images: list[np.ndarray], patch_size: int, degrade: DegradeConfig, seed: tuple[int, ...]
+        self,
+        images: list[np.ndarray],
+        patch_size: int,
+        degrade: DegradeConfig,
+        seed: tuple[int, ...],
+        conditions: tuple[str, ...] = (),
     ) -> None:
         self.images = images
         self.patch_size = patch_size
         self.degrade = degrade
         self.seed = seed
+        self.conditions = conditions
         areas = np.array([image.shape[0] * image.shape[1] for image in images], dtype=np.float64)
         self.weights = areas / areas.sum()
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         rng = np.random.default_rng([*self.seed, info.id if info else 0])
         while True:
             image = self.images[int(rng.choice(len(self.images), p=self.weights))]
             clean = random_patch(image, self.patch_size, rng)
-            degraded = degrade_patch(clean, self.degrade, rng)
-            yield to_tensor(degraded), to_tensor(clean.astype(np.float32) / 255.0)
+            degraded, quality = degrade_patch(clean, self.degrade, rng)
+            conditions = conditions_for(self.conditions, degraded * 255.0, quality)
+            yield to_tensor(degraded), to_tensor(clean.astype(np.float32) / 255.0), torch.from_numpy(conditions)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

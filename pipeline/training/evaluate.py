@@ -9,18 +9,24 @@ the uint8 input is what a file would hold and what OpenCV's filters take). PSNR 
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 from pipeline.core import storage
-from pipeline.models.degrade import gaussian_noise, jpeg_compress, to_uint8
-from pipeline.models.tuner import RestorationNet, restore_images
+from pipeline.core.config import TuneConfig
+from pipeline.models.assess import conditions_for, equivalent_quality, estimate_noise_sigma
+from pipeline.models.degrade import gaussian_noise, jpeg_encode, to_uint8
+from pipeline.models.tuner import RestorationNet, pixels_in_memory, restore_images
+from pipeline.stages.tune import memory_at_hand, plan_tuning
 from pipeline.training.metrics import psnr, ssim
 
 logger = logging.getLogger(__name__)
@@ -45,13 +51,16 @@ class Condition:
     def label(self) -> str:
         return {"gaussian": f"gaussian sigma={self.level}", "jpeg": f"jpeg q={self.level}"}.get(self.kind, "clean")
 
-    def apply(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The degraded float image in [0, 1] (unclipped for Gaussian noise)."""
+    def apply(self, clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float | None]:
+        """The degraded float image in [0, 1] (unclipped for Gaussian noise), and the quality its JPEG
+        header states (read back from the file, as the decode stage does; None if not a JPEG)."""
         if self.kind == "gaussian":
-            return gaussian_noise(clean.astype(np.float32) / 255.0, float(self.level), rng)
+            return gaussian_noise(clean.astype(np.float32) / 255.0, float(self.level), rng), None
         if self.kind == "jpeg":
-            return jpeg_compress(clean, self.level).astype(np.float32) / 255.0
-        return clean.astype(np.float32) / 255.0
+            with Image.open(io.BytesIO(jpeg_encode(clean, self.level))) as image:
+                quality = equivalent_quality(image.quantization)
+                return np.asarray(image.convert("RGB")).astype(np.float32) / 255.0, quality
+        return clean.astype(np.float32) / 255.0, None
 
 
 def conditions(sigmas: list[int], qualities: list[int]) -> list[Condition]:
@@ -64,13 +73,22 @@ def conditions(sigmas: list[int], qualities: list[int]) -> list[Condition]:
 
 
 @torch.inference_mode()
-def run_model(model: RestorationNet, image: np.ndarray, device: torch.device) -> np.ndarray:
-    """The model's uint8 output for one float H×W×3 image, whole (no tiling), edge-padded to its grid."""
+def run_model(
+    model: RestorationNet, image: np.ndarray, device: torch.device, quality: float | None = None
+) -> np.ndarray:
+    """The model's uint8 output for one float H×W×3 image, whole (no tiling), edge-padded to its grid.
+
+    A conditioned model is told what the pipeline would tell it: the noise level estimated on the
+    image and ``quality``, its JPEG header's.
+    """
     height, width = image.shape[:2]
     factor = model.arch.multiple
     tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
     tensor = F.pad(tensor, (0, -width % factor, 0, -height % factor), mode="replicate")
-    output = model(tensor)[0, :, :height, :width].float().clamp(0, 1)
+    conditions = None
+    if model.arch.conditions:
+        conditions = torch.from_numpy(conditions_for(model.arch.conditions, image * 255.0, quality))[None].to(device)
+    output = model(tensor, conditions)[0, :, :height, :width].float().clamp(0, 1)
     return output.mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
@@ -95,19 +113,28 @@ def evaluate(
     model = model.to(device).eval()
     rows = []
     for condition in conditions(sigmas, qualities):
-        inputs = [condition.apply(clean, _rng(seed, i, condition)) for i, (_, clean) in enumerate(images)]
+        degraded = [condition.apply(clean, _rng(seed, i, condition)) for i, (_, clean) in enumerate(images)]
+        inputs = [x for x, _ in degraded]
         cleans = [clean for _, clean in images]
         methods: dict[str, dict] = {
             "input": _score(cleans, [to_uint8(x) for x in inputs]),
-            "model": _score(cleans, [run_model(model, x, device) for x in inputs]),
+            "model": _score(cleans, [run_model(model, x, device, quality) for x, quality in degraded]),
         }
         if cv2 is not None and condition.kind != "clean":
             uint8_inputs = [to_uint8(x) for x in inputs]
             for name, make, grid in _baselines(cv2, condition):
                 methods[name] = _tuned_baseline(make, grid, cleans, uint8_inputs, tune_images)
-        rows.append({"condition": condition.kind, "level": condition.level, "label": condition.label, **methods})
+        skipped = sum(_skipped(x, quality) for x, quality in degraded)
+        row = {"condition": condition.kind, "level": condition.level, "label": condition.label, "skipped": skipped}
+        rows.append({**row, **methods})
         logger.info("%s: %s", condition.label, {k: round(v["psnr"], 2) for k, v in methods.items()})
     return {"images": len(images), "seed": seed, "protocol": __doc__.split("\n\n")[1].replace("\n", " "), "rows": rows}
+
+
+def _skipped(image: np.ndarray, quality: float | None) -> bool:
+    """Whether the tune stage, with its default thresholds, would pass this input through untouched."""
+    sigma = estimate_noise_sigma(image * 255.0)
+    return not plan_tuning(math.nan if quality is None else quality, 1.0, sigma, TuneConfig()).restore
 
 
 def _rng(seed: int, index: int, condition: Condition) -> np.random.Generator:
@@ -160,11 +187,13 @@ def _require_cv2():
 
 
 def format_markdown(table: dict, title: str = "") -> str:
-    """The evaluation as a Markdown table: PSNR (dB) / SSIM per condition and method."""
+    """The evaluation as a Markdown table: PSNR (dB) / SSIM per condition and method, the model's
+    gain over its input, and how many inputs the tune stage would skip (the model column is every
+    input forced through the network)."""
     methods = [m for m in ("input", "model", "nlm", "bilateral") if any(m in row for row in table["rows"])]
     lines = [f"{title}\n" if title else ""]
-    lines.append("| condition | " + " | ".join(methods) + " |")
-    lines.append("| --- |" + " --- |" * len(methods))
+    lines.append("| condition | " + " | ".join(methods) + " | model − input | skipped |")
+    lines.append("| --- |" + " --- |" * (len(methods) + 2))
     for row in table["rows"]:
         cells = []
         for method in methods:
@@ -174,7 +203,9 @@ def format_markdown(table: dict, title: str = "") -> str:
                 continue
             param = f" (h={result['param']:g})" if "param" in result and method == "nlm" else ""
             cells.append(f"{result['psnr']:.2f} / {result['ssim']:.4f}{param}")
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+        gain = "" if row["condition"] == "clean" else f"{row['model']['psnr'] - row['input']['psnr']:+.2f}"
+        skipped = f"{row['skipped']}/{table['images']}" if "skipped" in row else ""
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {gain} | {skipped} |")
     return "\n".join(lines).strip() + "\n"
 
 
@@ -187,20 +218,35 @@ def save_table(prefix: str, result: dict, markdown: str) -> None:
         handle.write(markdown)
 
 
-def measure_throughput(
-    model: RestorationNet, side: int = 1024, tile_size: int = 512, repeats: int = 3, batch_size: int = 4
-) -> dict[str, float]:
-    """CPU megapixels per second of the pipeline's own path (``restore_images``: uint8, tiled).
-
-    The overlap is the smallest the tune stage accepts for this model (its receptive radius).
+def measure_throughput(model: RestorationNet, side: int = 1024, repeats: int = 3) -> dict[str, float]:
+    """CPU megapixels per second of the tune stage's own path on a ``side``×(3/4·``side``) photo-shaped
+    image (``restore_images`` with tiles sized from the memory at hand: one pass where it fits), of
+    one plain whole-image forward pass, and of the fixed 512-px tiles the stage used to cut.
     """
     device = torch.device("cpu")
     model = model.to(device).eval()
-    image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    overlap = model.arch.receptive_radius + model.arch.receptive_radius % 2
-    restore_images(model, [image], tile_size, overlap, batch_size, device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        restore_images(model, [image], tile_size, overlap, batch_size, device)
-    seconds = (time.perf_counter() - start) / repeats
-    return {"megapixels_per_second": side * side / 1e6 / seconds, "side": side, "threads": torch.get_num_threads()}
+    image = np.random.default_rng(0).integers(0, 256, (side * 3 // 4, side, 3), dtype=np.uint8)
+    radius = model.arch.receptive_radius + model.arch.receptive_radius % 2
+    conditions = [np.zeros(len(model.arch.conditions), dtype=np.float32)]
+    budget = pixels_in_memory(model.arch, TuneConfig().memory_fraction * memory_at_hand(device))
+    paths = {
+        "stage": lambda: restore_images(
+            model, [image], None, radius, 1, device, conditions=conditions, max_pixels=budget
+        ),
+        "whole_image": lambda: run_model(model, image.astype(np.float32) / 255.0, device, None),
+        "tiles_512": lambda: restore_images(model, [image], 512, radius, 4, device, conditions=conditions),
+    }
+    rates = {}
+    for name, path in paths.items():
+        path()  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            path()
+        rates[name] = image.shape[0] * image.shape[1] / 1e6 / ((time.perf_counter() - start) / repeats)
+    return {
+        "megapixels_per_second": rates["stage"],
+        "whole_image_megapixels_per_second": rates["whole_image"],
+        "tiles_512_megapixels_per_second": rates["tiles_512"],
+        "shape": list(image.shape[:2]),
+        "threads": torch.get_num_threads(),
+    }

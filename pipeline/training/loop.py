@@ -15,7 +15,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from pipeline.models.degrade import to_uint8
 from pipeline.models.tuner import RestorationNet, save_tuner
 from pipeline.training.config import OptimConfig, TrainConfig
 from pipeline.training.data import ImageRecord, PatchStream
@@ -39,16 +40,19 @@ STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 WEIGHTS_FILE = "model.safetensors"
 PSNR_FLOOR_MSE = 1e-5  # 50 dB on [0, 1] images
-VALIDATION = (Condition("gaussian", 25), Condition("jpeg", 20), Condition("clean"))
+# The learning curve: sigma=25 PSNR, the JPEG gain over the input at q10 and q30, and do-no-harm.
+VALIDATION = (Condition("gaussian", 25), Condition("jpeg", 10), Condition("jpeg", 30), Condition("clean"))
 
 
 @dataclass
 class TrainState:
-    """Progress that survives a restart; ``segments`` holds [first, last] step of each run so far."""
+    """Progress that survives a restart: ``segments`` holds [first, last] step of each run so far,
+    ``curve`` every validation so far (step, wall seconds and the ``validate`` metrics)."""
 
     step: int = 0
     seconds: float = 0.0
     segments: list[list[int]] = field(default_factory=list)
+    curve: list[dict[str, float]] = field(default_factory=list)
 
 
 def learning_rate(progress: float, step: int, optim: OptimConfig) -> float:
@@ -89,19 +93,43 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def validate(model: RestorationNet, images: list[np.ndarray], device: torch.device, seed: int) -> dict[str, float]:
-    """Held-out PSNR per validation condition and the mean squared error over all of them."""
+    """Held-out PSNR per validation condition, the gain over the input on JPEG, and the mean
+    squared error over all of them."""
     metrics: dict[str, float] = {}
     errors = []
     for condition in VALIDATION:
-        scores = []
+        scores, gains = [], []
         for index, clean in enumerate(images):
-            degraded = condition.apply(clean, np.random.default_rng([seed, index, condition.level]))
-            output = run_model(model, degraded, device)
+            degraded, quality = condition.apply(clean, np.random.default_rng([seed, index, condition.level]))
+            output = run_model(model, degraded, device, quality)
             scores.append(psnr(clean, output))
+            gains.append(scores[-1] - psnr(clean, to_uint8(degraded)))
             errors.append(float(np.mean((output.astype(np.float64) - clean) ** 2)) / 255.0**2)
-        metrics[f"val_psnr_{condition.kind}{condition.level or ''}"] = float(np.mean(scores))
+        name = f"{condition.kind}{condition.level or ''}"
+        metrics[f"val_psnr_{name}"] = float(np.mean(scores))
+        if condition.kind == "jpeg":
+            metrics[f"val_gain_{name}"] = float(np.mean(gains))
     metrics["val_loss"] = float(np.mean(errors))
     return metrics
+
+
+def training_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: list[torch.Tensor],
+    optim: OptimConfig,
+    conditioned: bool,
+) -> float:
+    """One optimiser step on a (degraded, clean, conditions) batch from ``PatchStream``; returns the loss."""
+    degraded, clean, values = batch
+    with torch.autocast(degraded.device.type, dtype=torch.bfloat16, enabled=degraded.device.type == "cuda"):
+        output = model(degraded, values if conditioned else None)
+    loss = restoration_loss(output.float(), clean, optim.loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    optimizer.step()
+    return loss.item()
 
 
 def describe_device(device: torch.device) -> str:
@@ -132,7 +160,10 @@ def train_loop(loop_config: dict) -> None:
     state = _restore(model, optimizer, loop_config.get("init_weights"))
     state.segments.append([state.step, state.step])
     model = ray.train.torch.prepare_model(model)
-    stream = PatchStream(train_images, config.optim.patch_size, config.degrade, seed=(config.seed, rank, state.step))
+    conditions = config.arch.conditions
+    stream = PatchStream(
+        train_images, config.optim.patch_size, config.degrade, (config.seed, rank, state.step), conditions
+    )
     loader = DataLoader(
         stream,
         batch_size=config.optim.batch_size,
@@ -140,34 +171,26 @@ def train_loop(loop_config: dict) -> None:
         pin_memory=device.type == "cuda",
     )
     started, losses, reported = time.monotonic(), [], -1
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches = iter(loader)
     while True:
         seconds = state.seconds + time.monotonic() - started
         progress = _progress(state.step, seconds, config.optim, world, device)
         if progress >= 1.0:
             break
-        degraded, clean = (tensor.to(device, non_blocking=True) for tensor in next(batches))
         rate = learning_rate(progress, state.step, config.optim)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        with autocast:
-            output = model(degraded)
-        loss = restoration_loss(output.float(), clean, config.optim.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
+        batch = [tensor.to(device, non_blocking=True) for tensor in next(batches)]
+        losses.append(training_step(model, optimizer, batch, config.optim, bool(conditions)))
         state.step += 1
         state.segments[-1][1] = state.step
         if state.step % config.log_every == 0 and rank == 0:
             logger.info("step %d loss %.5f lr %.2e (%.0f s)", state.step, np.mean(losses[-50:]), rate, seconds)
         if state.step % config.val_every == 0:
-            _report(model, optimizer, TrainState(state.step, seconds, state.segments), losses, val_images, config, rank)
+            _report(model, optimizer, replace(state, seconds=seconds), losses, val_images, config, rank)
             reported = state.step
     if reported != state.step:
-        final = TrainState(state.step, state.seconds + time.monotonic() - started, state.segments)
+        final = replace(state, seconds=state.seconds + time.monotonic() - started)
         _report(model, optimizer, final, losses, val_images, config, rank)
 
 
@@ -217,6 +240,10 @@ def _restore(
     return state
 
 
+def _curve_point(metrics: dict) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in metrics.items() if k.startswith(("val_psnr", "val_gain")) or k == "loss"}
+
+
 def _report(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -241,6 +268,7 @@ def _report(
     network.eval()
     metrics.update(validate(network, val_images, device, config.seed))
     network.train()
+    state.curve.append({"step": state.step, "seconds": round(state.seconds, 1), **_curve_point(metrics)})
     logger.info("validation at step %d: %s", state.step, {k: v for k, v in metrics.items() if k != "device"})
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)

@@ -191,6 +191,7 @@ def _training_section(
         "init": init,
         "steps": state["step"],
         "segments": state["segments"],
+        "curve": state.get("curve", []),
         "wall_seconds": round(state["seconds"], 1),
         "job_seconds": round(job_seconds, 1),
         "device": metrics.get("device", "gpu" if config.scaling.use_gpu else "cpu"),

@@ -20,18 +20,27 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-MATE = "mate-backgrounds"
-PLASMA = "plasma-workspace-wallpapers"
-PACKAGES = (MATE, PLASMA)
-# Photographs only; the other wallpapers of these packages are renders, drawings or abstract art.
-MATE_PHOTOS = (
-    "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow",
-    "LadyBird", "RainDrops", "Storm", "TwoWings", "Wood", "YellowFlower",
-)  # fmt: skip
-PLASMA_PHOTOS = (
-    "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow",
-    "FallenLeaf", "OneStandsOut", "Path", "summer_1am",
-)  # fmt: skip
+# Photographs only, by an explicit list per package; the other wallpapers of these packages are
+# renders, drawings or abstract art. Each package's files live under its own folder layout.
+PHOTOS = {
+    "mate-backgrounds": (
+        "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow",
+        "LadyBird", "RainDrops", "Storm", "TwoWings", "Wood", "YellowFlower",
+    ),
+    "plasma-workspace-wallpapers": (
+        "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow",
+        "FallenLeaf", "Grey", "Kite", "OneStandsOut", "Path", "summer_1am",
+    ),
+    "lomiri-wallpapers-16.04": (
+        "Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly", "Picture_0B_by_freespace",
+        "Picture_1A_by_freespace", "Wine_by_Jakkub_Mede", "aitzgorri_by_Aitzol_Berasategi",
+        "free_by_Peter_Nerlich", "friends_by_Aitzol_Berasategi", "greentock_by_Peter_Nerlich",
+        "life_by_Aitzol_Berasategi", "picosdeeuropa_by_Aitzol_Berasategi",
+        "seeding_by_Clements_Engelhardt", "sunset_by_Aitzol_Berasategi",
+    ),
+    "lomiri-wallpapers-20.04": ("Kleiber_by_Lukas_Baubkus",),
+}  # fmt: skip
+PACKAGES = tuple(PHOTOS)
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,8 @@ class Photo:
 
     @property
     def key(self) -> str:
-        return f"{self.package}__{self.name}"
+        """The WebDataset key: no dots, since a key ends at its first dot (``lomiri-wallpapers-16.04``)."""
+        return f"{self.package}__{self.name}".replace(".", "_")
 
 
 def download_packages(directory: Path) -> list[Path]:
@@ -99,19 +109,23 @@ def select_photos(root: Path, package: str, version: str) -> list[Photo]:
     copyright_text = (root / "usr/share/doc" / package / "copyright").read_text(encoding="utf-8")
     paragraphs = parse_copyright(copyright_text)
     photos = []
-    if package == MATE:
-        for name in MATE_PHOTOS:
-            source = f"nature/{name}.jpg"
-            file = root / "usr/share/backgrounds/mate" / source
-            photos.append(Photo(package, version, name, source, file, *terms_for(paragraphs, source)))
-    else:
-        for name in PLASMA_PHOTOS:
-            images = root / "usr/share/wallpapers" / name / "contents/images"
-            # Most sizes are symbolic links to one file: take the largest distinct file.
-            file = max({p.resolve() for p in images.iterdir() if p.is_file()}, key=lambda p: p.stat().st_size)
-            source = f"{name}/contents/images/{file.name}"
-            photos.append(Photo(package, version, name, source, file, *terms_for(paragraphs, source)))
+    for name in PHOTOS[package]:
+        source, file = _locate(root, package, name)
+        photos.append(Photo(package, version, name, source, file, *terms_for(paragraphs, source)))
     return photos
+
+
+def _locate(root: Path, package: str, name: str) -> tuple[str, Path]:
+    """(path as the package's debian/copyright names it, extracted file) of one photograph."""
+    if package == "mate-backgrounds":
+        return f"nature/{name}.jpg", root / "usr/share/backgrounds/mate/nature" / f"{name}.jpg"
+    if package.startswith("lomiri-wallpapers-"):
+        release = package.rsplit("-", 1)[1]
+        return f"{release}/{name}.jpg", root / "usr/share/backgrounds" / f"{name}.jpg"
+    images = root / "usr/share/wallpapers" / name / "contents/images"
+    # Most sizes are symbolic links to one file: take the largest distinct file.
+    file = max({p.resolve() for p in images.iterdir() if p.is_file()}, key=lambda p: p.stat().st_size)
+    return f"{name}/contents/images/{file.name}", file
 
 
 def write_shard(photos: list[Photo], output: Path, packages: list[dict]) -> Path:

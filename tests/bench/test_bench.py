@@ -51,6 +51,8 @@ def test_bench_writes_a_table_of_stages_pipeline_and_listing_with_ratios(tmp_pat
     assert timings["pipeline: run_batch_job"]["images"] == 6
     assert timings["pipeline: run_batch_job"]["peak_rss_bytes"] > 0
     assert timings["listing: plan_shards"]["images"] == 300
+    # The tune stage on the dataset's mix as configured, and restoring every image; only the first is a stage.
+    assert timings["tune, every image (tune.skip=false)"]["images"] == 6 and "skipped" in timings["tune"]["note"]
     serial = timings["all stages one after another (Σ s/image)"]
     assert math.isclose(serial["seconds_per_image"], sum(timings[name]["seconds_per_image"] for name in STAGES))
     checks = {check["name"]: check for check in report["checks"]}

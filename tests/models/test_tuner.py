@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from pipeline.core.config import TuneConfig, load_config
 from pipeline.models.checkpoints import CheckpointError, fetch_checkpoint
@@ -14,11 +18,14 @@ from tests.conftest import BUCKET
 CPU = torch.device("cpu")
 
 
+CONDITIONS = ("noise_sigma", "jpeg_quality")
 ARCHS = [
     TunerArch(channels=16, depth=4),
     TunerArch(channels=8, depth=5, unshuffle=1),
     TunerArch(kind="unet", channels=8, depth=1, unshuffle=1, levels=2),
     TunerArch(kind="unet", channels=8, depth=1, unshuffle=2, levels=1),
+    TunerArch(kind="resunet", channels=6, depth=1, unshuffle=2, levels=1, conditions=CONDITIONS),
+    TunerArch(channels=8, depth=4, conditions=("jpeg_quality",)),
 ]
 
 
@@ -45,25 +52,53 @@ def test_untrained_tuner_is_the_identity_and_says_it_is_random(caplog, tmp_path)
     assert len(warnings) == 2 and all("RANDOM WEIGHTS" in message for message in warnings)
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"{a.kind}-u{a.unshuffle}-l{a.levels}")
-def test_tiled_output_equals_untiled_for_images_of_any_shape(arch):
+def _ids(arch: TunerArch) -> str:
+    return f"{arch.kind}-u{arch.unshuffle}-l{arch.levels}-c{len(arch.conditions)}"
+
+
+def _conditions(arch: TunerArch, count: int, seed: int = 0) -> list[np.ndarray] | None:
+    rng = np.random.default_rng(seed)
+    return [rng.random(len(arch.conditions)).astype(np.float32) for _ in range(count)] if arch.conditions else None
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=_ids)
+def test_tiled_output_equals_untiled_for_images_of_any_shape_and_their_own_conditions(arch):
     model = _trained_like(arch=arch)
     radius = model.arch.receptive_radius
     tile = 2 * radius + 4 * arch.multiple
     rng = np.random.default_rng(1)
     shapes = [(2 * tile - 7, tile + 13, 3), (31, 47, 3), (tile, tile, 3)]
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
-    whole = restore_images(model, images, 1024, 32, 4, CPU)
-    tiled = restore_images(model, images, tile, radius, 3, CPU)
+    conditions = _conditions(arch, len(images))
+    whole = restore_images(model, images, None, 32, 4, CPU, conditions=conditions, max_pixels=10**8)
+    tiled = restore_images(model, images, tile, radius, 3, CPU, conditions=conditions)
+    # Automatic tiles: a budget that fits the small images whole and cuts the large one.
+    auto = restore_images(model, images, None, radius, 3, CPU, conditions=conditions, max_pixels=tile * tile)
     assert not np.array_equal(whole[0], images[0])
-    for expected, actual in zip(whole, tiled, strict=True):
+    if conditions is not None:  # each image is restored with its own conditions, whatever shares its batch
+        alone = restore_images(model, images[1:2], None, 32, 1, CPU, conditions=conditions[1:2], max_pixels=10**8)
+        assert np.array_equal(alone[0], whole[1])
+        other = restore_images(model, images[1:2], None, 32, 1, CPU, conditions=conditions[:1], max_pixels=10**8)
+        assert not np.array_equal(other[0], whole[1])
+    for expected, actual in [*zip(whole, tiled, strict=True), *zip(whole, auto, strict=True)]:
         assert actual.shape == expected.shape
         difference = np.abs(actual.astype(int) - expected.astype(int))
         # Float results agree to ~1e-6; only a value on a rounding boundary may flip by one level.
         assert difference.max() <= 1 and (difference == 0).mean() > 0.999
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"{a.kind}-u{a.unshuffle}-l{a.levels}")
+@pytest.mark.parametrize("arch", ARCHS, ids=_ids)
+def test_no_pixel_beyond_the_receptive_radius_changes_an_output_pixel(arch):
+    model = _trained_like(arch=arch).double()
+    radius, side = arch.receptive_radius, (2 * arch.receptive_radius // arch.multiple + 4) * arch.multiple
+    image = torch.rand(1, 3, side, side, dtype=torch.float64, requires_grad=True)
+    values = torch.rand(1, len(arch.conditions), dtype=torch.float64) if arch.conditions else None
+    model(image, values)[0, :, side // 2, side // 2].sum().backward()
+    reached = torch.nonzero(image.grad[0].abs().sum(0))
+    assert len(reached) and (reached - side // 2).abs().max() <= radius
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=_ids)
 def test_analytic_macs_equal_the_macs_counted_by_hooks_on_every_convolution(arch):
     model = _trained_like(arch=arch)
     counted = []
@@ -75,7 +110,7 @@ def test_analytic_macs_equal_the_macs_counted_by_hooks_on_every_convolution(arch
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     height, width = 8 * arch.multiple, 12 * arch.multiple
     with torch.no_grad():
-        model(torch.rand(1, 3, height, width))
+        model(torch.rand(1, 3, height, width), torch.rand(1, len(arch.conditions)) if arch.conditions else None)
     for hook in hooks:
         hook.remove()
     assert sum(counted) / (height * width) == pytest.approx(arch.macs_per_pixel(), rel=1e-12)
@@ -99,6 +134,24 @@ def test_checkpoint_round_trip_locally_and_through_s3(tmp_path, s3):
     save_tuner(model, str(folder / "model.safetensors"), {"name": "unit-test"})
     loaded, _ = load_tuner(folder)  # a directory holding model.safetensors, as train-tuner writes it
     assert np.array_equal(restore_images(loaded, [image], 512, 32, 4, CPU)[0], expected)
+
+
+def test_a_v1_checkpoint_loads_as_a_blind_tuner_and_a_conditioned_one_demands_its_conditions(tmp_path):
+    model = _trained_like()
+    arch = {key: value for key, value in asdict(model.arch).items() if key != "conditions"}
+    path = tmp_path / "v1.safetensors"
+    save_file(model.state_dict(), str(path), metadata={"format": "imagetune-tuner-v1", "arch": json.dumps(arch)})
+    loaded, _ = load_tuner(path)
+    image = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    assert loaded.arch.conditions == ()
+    assert np.array_equal(
+        restore_images(loaded, [image], 512, 32, 4, CPU)[0], restore_images(model, [image], 512, 32, 4, CPU)[0]
+    )
+    conditioned = _trained_like(arch=ARCHS[4])
+    with pytest.raises(ValueError, match="takes conditions"):
+        restore_images(conditioned, [image], 512, conditioned.arch.receptive_radius, 4, CPU)
+    save_tuner(conditioned, str(tmp_path / "v2.safetensors"))
+    assert load_tuner(tmp_path / "v2.safetensors")[0].arch == conditioned.arch
 
 
 def test_pickle_and_corrupt_checkpoints_are_refused(tmp_path):

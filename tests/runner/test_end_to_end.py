@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.core.config import load_config
+from pipeline.models.assess import estimate_noise_sigma
 from pipeline.models.tuner import RestorationNet, TunerArch, load_tuner, restore_images, save_tuner
 from pipeline.runner.job import run_batch_job
 from pipeline.sample import write_webdataset
@@ -109,6 +110,9 @@ def test_every_input_format_to_parquet_on_s3_with_one_row_per_record(ray_cluster
     assert types["width"] == "INTEGER" and types["clip_score"] == "FLOAT"
     assert types["image_embedding"] == "FLOAT[]" and types["processed_at"] == "TIMESTAMP WITH TIME ZONE"
     assert types["tuned_image"] == "BLOB" and types["dt"] in ("DATE", "VARCHAR")
+    assert (types["jpeg_quality"], types["noise_sigma"], types["tune_action"]) == ("INTEGER", "FLOAT", "VARCHAR")
+    actions = [r["tune_action"].split(":")[0] for r in rows if r["status"] == "ok"]
+    assert set(actions) == {"skipped", "restored"} and errors[0]["tune_action"] is None
 
     summary = report.summary
     assert (summary["rows"], summary["rows_ok"], summary["errors_by_stage"]) == (21, 20, {"decode": 1})
@@ -141,10 +145,16 @@ def _assert_rows_match_reference_models(rows, dataset, models):
 def _compare_rows(rows, dataset, tuner, tuner_id, clip, clip_preprocess, coca, coca_preprocess, tokenizer):
     captions = set()
     for row in (r for r in rows if r["status"] == "ok"):
-        source = decode_image(dataset[row["id"]].data, MAX_SIDE, 10**8).pixels
+        decoded = decode_image(dataset[row["id"]].data, MAX_SIDE, 10**8)
+        source = decoded.pixels
+        assert row["jpeg_quality"] == decoded.jpeg_quality and (row["jpeg_quality"] == 10) == ("jpeg10" in row["id"])
+        assert row["noise_sigma"] == pytest.approx(estimate_noise_sigma(source), abs=1e-4)
         tuned = np.asarray(Image.open(io.BytesIO(row["tuned_image"])).convert("RGB"))
-        (expected,) = restore_images(tuner, [source], 512, 32, 4, torch.device("cpu"))
-        assert np.abs(tuned.astype(int) - expected.astype(int)).max() <= 1, row["id"]
+        if row["tune_action"].startswith("skipped"):  # nothing to restore: the decoded pixels, untouched
+            assert np.array_equal(tuned, source) and row["noise_sigma"] < 2.0 and "jpeg10" not in row["id"]
+        else:
+            (expected,) = restore_images(tuner, [source], 512, 32, 4, torch.device("cpu"))
+            assert np.abs(tuned.astype(int) - expected.astype(int)).max() <= 1, row["id"]
         assert row["tuner_model"] == tuner_id
 
         image = Image.fromarray(tuned)

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.models.checkpoints import fetch_checkpoint
 from pipeline.models.tuner import RestorationNet, TunerArch, load_tuner, restore_images
+from pipeline.readers.plan import plan_shards
 from pipeline.training.card import add_evaluation, build_card, read_card, write_model
-from pipeline.training.config import load_train_config
-from pipeline.training.wallpapers import parse_copyright, terms_for
+from pipeline.training.config import DataConfig, load_train_config
+from pipeline.training.data import read_images
+from pipeline.training.wallpapers import Photo, parse_copyright, terms_for, write_shard
 from tests.conftest import BUCKET
 
 
@@ -62,3 +67,16 @@ def test_licence_of_each_wallpaper_comes_from_the_last_matching_dep5_paragraph()
     paragraphs = parse_copyright(text)
     assert terms_for(paragraphs, "nature/Dune.jpg") == ("2008, A\n2009, B", "CC-BY-SA-4.0")
     assert terms_for(paragraphs, "other/x.jpg") == ("2014 Someone", "GPL-2+")
+
+
+def test_photographs_of_a_package_with_a_dot_in_its_name_keep_their_own_webdataset_keys(tmp_path):
+    photos = []
+    for name in ("Bridge", "Wine"):
+        file = tmp_path / f"{name}.png"
+        Image.fromarray(np.full((32, 32, 3), len(name) * 20, dtype=np.uint8)).save(file)
+        photos.append(Photo("lomiri-wallpapers-16.04", "1", name, f"16.04/{name}.jpg", Path(file), "A", "CC0-1.0"))
+    write_shard(photos, tmp_path / "shard", [])
+    # A WebDataset key ends at its first dot: "lomiri-wallpapers-16" would have merged both photographs.
+    (shard,) = plan_shards(str(tmp_path / "shard"), 1000)
+    keys = [record.record_id.split("#")[1] for record in read_images(shard, DataConfig(), 10)]
+    assert keys == ["lomiri-wallpapers-16_04__Bridge", "lomiri-wallpapers-16_04__Wine"]

@@ -59,20 +59,29 @@ def test_jpeg_round_trip_changes_pixels_and_a_shifted_second_save_differs_from_o
 
 
 def test_degrade_patch_passes_clean_patches_through_unchanged(photo):
-    clean_only = DegradeConfig(p_clean=1.0)
-    out = degrade_patch(photo, clean_only, np.random.default_rng(0))
-    assert out.dtype == np.float32 and np.array_equal(to_uint8(out), photo)
-    nothing = DegradeConfig(p_clean=0.0, p_noise=0.0, p_jpeg=0.0)
-    assert np.array_equal(to_uint8(degrade_patch(photo, nothing, np.random.default_rng(0))), photo)
+    clean_only = DegradeConfig(p_clean=1.0, p_jpeg=0.0, p_noise=0.0, p_noise_jpeg=0.0)
+    out, quality = degrade_patch(photo, clean_only, np.random.default_rng(0))
+    assert out.dtype == np.float32 and np.array_equal(to_uint8(out), photo) and quality is None
 
 
-def test_degrade_patch_applies_noise_and_jpeg_in_both_orders(photo):
-    both = DegradeConfig(p_clean=0.0, p_noise=1.0, p_jpeg=1.0, p_poisson=0.0, p_quantise=0.0, sigma_max=30.0)
+def test_jpeg_patches_come_mostly_from_the_qualities_that_need_help_and_state_their_last_quality(photo):
+    jpeg_only = DegradeConfig(p_clean=0.0, p_jpeg=1.0, p_noise=0.0, p_noise_jpeg=0.0, p_double_jpeg=0.0)
+    rng = np.random.default_rng(5)
+    draws = [degrade_patch(photo[:32, :32], jpeg_only, rng) for _ in range(400)]
+    qualities = np.array([quality for _, quality in draws])
+    assert qualities.min() >= 10 and qualities.max() <= 95
+    assert 0.85 < np.mean(qualities <= 60) < 0.95  # 0.75 (p_focus) + 0.25 · 51/86 (10-60 within 10-95) = 0.90
+    for out, quality in draws[:10]:  # the header's quality is the one that made these pixels (4:2:0 or 4:4:4)
+        assert any(np.array_equal(to_uint8(out), jpeg_compress(photo[:32, :32], quality, sub)) for sub in (2, 0))
+
+
+def test_noisy_patches_that_are_then_compressed_are_stored_values_with_their_quality(photo):
+    mixed = DegradeConfig(p_clean=0.0, p_jpeg=0.0, p_noise=0.0, p_noise_jpeg=1.0, p_poisson=0.0)
     rng = np.random.default_rng(3)
-    quantised = []
-    for _ in range(20):
-        out = degrade_patch(photo[:64, :64], both, rng)
-        assert psnr(photo[:64, :64], to_uint8(out)) < 45
-        quantised.append(np.allclose(out * 255.0, np.rint(out * 255.0), atol=1e-3))
-    # JPEG last leaves stored 8-bit values; noise last leaves float values: both orders happen.
-    assert any(quantised) and not all(quantised)
+    for _ in range(10):
+        out, quality = degrade_patch(photo[:64, :64], mixed, rng)
+        assert 30 <= quality <= 95 and psnr(photo[:64, :64], to_uint8(out)) < 45
+        assert np.allclose(out * 255.0, np.rint(out * 255.0), atol=1e-3)  # a decoded JPEG: 8-bit values
+    noise_only = DegradeConfig(p_clean=0.0, p_jpeg=0.0, p_noise=1.0, p_noise_jpeg=0.0, p_quantise=0.0)
+    out, quality = degrade_patch(photo[:64, :64], noise_only, rng)
+    assert quality is None and not np.allclose(out * 255.0, np.rint(out * 255.0), atol=1e-3)

@@ -33,8 +33,10 @@ def test_identity_model_scores_exactly_the_degraded_input_and_does_no_harm(two_i
     by_label = {row["label"]: row for row in table["rows"]}
     assert by_label["gaussian sigma=50"]["input"]["psnr"] < by_label["gaussian sigma=15"]["input"]["psnr"] < 30
     assert by_label["clean"]["model"]["psnr"] == MAX_PSNR and by_label["clean"]["model"]["ssim"] == pytest.approx(1)
+    # The pipeline would pass the clean inputs through untouched and restore every degraded one.
+    assert [row["skipped"] for row in table["rows"]] == [0, 0, 0, 2]
     markdown = format_markdown(table)
-    assert "| jpeg q=10 |" in markdown and "100.00 / 1.0000" in markdown
+    assert "| jpeg q=10 |" in markdown and "100.00 / 1.0000" in markdown and "| 2/2 |" in markdown
 
 
 def test_baselines_without_opencv_fail_with_the_install_hint(two_images, monkeypatch):
@@ -56,5 +58,6 @@ def test_eval_job_reads_a_directory_and_writes_json_and_markdown(tmp_path, two_i
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["dataset"] == "images" and result["images"] == 2
     assert "RANDOM-WEIGHTS" in result["model"] and result["throughput"]["megapixels_per_second"] > 0
+    assert result["throughput"]["whole_image_megapixels_per_second"] > 0 and result["architecture"]["parameters"] > 0
     assert "| gaussian sigma=25 |" in out.with_suffix(".md").read_text()
     assert "CPU throughput" in capsys.readouterr().out

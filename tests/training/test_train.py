@@ -34,6 +34,7 @@ TINY = [
     "degrade.p_clean=0.0",
     "degrade.p_noise=1.0",
     "degrade.p_jpeg=0.0",
+    "degrade.p_noise_jpeg=0.0",
     "degrade.p_poisson=0.0",
     "degrade.sigma_max=40",
 ]
@@ -55,6 +56,9 @@ def test_training_lowers_validation_loss_resumes_its_step_count_and_ships_model_
     training = resumed.card["training"]
     # The second run started from the first one's last checkpoint, not from step 0.
     assert training["steps"] == 40 and training["segments"] == [[0, 20], [20, 40]]
+    # The learning curve runs across both segments: one point per validation, with the JPEG gains.
+    assert [point["step"] for point in training["curve"]] == [20, 40]
+    assert {"seconds", "val_psnr_gaussian25", "val_gain_jpeg10", "val_gain_jpeg30"} <= training["curve"][-1].keys()
     assert training["wall_seconds"] >= first.card["training"]["wall_seconds"]
     assert training["final_metrics"]["val_loss"] < first.card["training"]["final_metrics"]["val_loss"]
     gaussian = next(row for row in resumed.card["evaluations"][0]["rows"] if row["label"] == "gaussian sigma=25")
