@@ -18,6 +18,7 @@ COMMANDS = {
     "report": ("jobs.report", "write an HTML report of a run: report OUTPUT [--run RUN_ID] [--html FILE]"),
     "show": ("pipeline.show", "print rows of an output: show OUTPUT [--where SQL_EXPRESSION] [--limit N]"),
     "bench": ("jobs.bench", "measure stages, pipeline, a PyTorch baseline, memory and listing; print one table"),
+    "bench-scale": ("jobs.bench_scale", "the control plane at N shards: plan, commits, driver memory, S3 requests"),
     "train-tuner": ("jobs.train_tuner", "train the tuner on a sample of --input; writes model + card to --output"),
     "eval-tuner": ("jobs.eval_tuner", "PSNR/SSIM of a tuner vs. baselines: eval-tuner --model URI --images DIR"),
     "train-aligner": ("jobs.train_aligner", "tune CLIP's text tower to an output's images: --input OUT --output MODEL"),

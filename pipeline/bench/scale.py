@@ -1,4 +1,4 @@
-"""The control plane at scale: ``python -m pipeline.bench.scale --shards N``.
+"""The control plane at scale: ``imagetune bench-scale --shards N`` (``python -m jobs.bench_scale``).
 
 N tiny shards (one 8×8 image each) go through the real pipeline on a local Ray, with a model stage
 that does nothing, so what is measured is what grows with the number of shards: planning, the
@@ -327,7 +327,7 @@ def commits_markdown(rates: list[CommitRate]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.scale", description=__doc__)
+    parser = argparse.ArgumentParser(prog="imagetune bench-scale", description=__doc__)
     parser.add_argument("--child", nargs=3, metavar=("INPUT", "OUTPUT", "COMMAND"), help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--storage", choices=STORAGES, nargs="+", default=list(STORAGES))

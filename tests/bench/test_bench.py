@@ -39,6 +39,7 @@ def assert_well_formed(report: dict) -> None:
     assert report["passed"] == all(check["passed"] for check in report["checks"])
 
 
+@pytest.mark.slow
 def test_bench_writes_a_table_of_stages_pipeline_and_listing_with_ratios(tmp_path):
     report = run_bench(
         tmp_path,

@@ -136,6 +136,7 @@ def test_report_of_a_run_renders_offline_with_originals_and_the_run_summary_coun
     assert facts["lowest"] == [row[0] for row in lowest]
 
 
+@pytest.mark.slow
 def test_report_of_a_run_with_only_errors_says_so_and_groups_errors_by_reason(failed_run, tmp_path, capsys):
     output, summary = failed_run
     assert (summary["rows"], summary["rows_ok"]) == (4, 0)
@@ -145,6 +146,7 @@ def test_report_of_a_run_with_only_errors_says_so_and_groups_errors_by_reason(fa
     assert int(facts["counts"]["errors.decode"]) == 4
 
 
+@pytest.mark.slow
 def test_report_of_a_run_that_wrote_no_rows_says_so(failed_run, tmp_path, capsys):
     output, _ = failed_run
     # A refresh with nothing new: a run of zero rows, now the latest, which the report picks by default.

@@ -171,6 +171,7 @@ def _compare_rows(rows, dataset, tuner, tuner_id, clip, clip_preprocess, coca, c
     return captions
 
 
+@pytest.mark.slow
 def test_rerun_replaces_rows_instead_of_duplicating_them_also_when_plain_files_regroup(
     ray_cluster, s3, dataset, models, tmp_path
 ):

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.core.config import load_config
 from pipeline.runner.job import RunMode, run_batch_job
 from pipeline.sample import write_webdataset
@@ -88,6 +90,7 @@ def test_driver_killed_mid_run_then_rerun_leaves_each_record_once(ray_cluster, p
     assert not (output / STAGING_DIR / summary["run_id"]).exists()
 
 
+@pytest.mark.slow
 def test_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_cluster, photos, tmp_path):
     records = _dataset(photos, tmp_path / "input", shards=6, per_shard=4)
     output = tmp_path / "output"

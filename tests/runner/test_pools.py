@@ -79,6 +79,7 @@ class ThreadProbe(Stage):
         return {**batch, "threads": np.full(num_rows(batch), torch.get_num_threads())}
 
 
+@pytest.mark.slow
 def test_workers_run_torch_with_their_cpu_share_even_where_omp_num_threads_says_otherwise(ray_cluster):
     # Container images often set OMP_NUM_THREADS to the node's cores (two here); Ray then leaves it alone.
     crowded = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}

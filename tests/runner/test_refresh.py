@@ -78,6 +78,7 @@ def test_refresh_processes_only_new_and_changed_shards(ray_cluster, s3, photos, 
     assert len(rows(s3)) == 9
 
 
+@pytest.mark.slow
 def test_dry_run_writes_nothing_and_limit_caps_a_run(ray_cluster, s3, photos, tmp_path, capsys):
     # Shard a has no captions at all: its blocks carry an all-null caption column.
     records = [SampleRecord(r.key, r.data, r.extension, None if i < 2 else r.caption) for i, r in enumerate(photos[:6])]
@@ -124,6 +125,7 @@ def test_a_lease_expires_or_dies_with_its_process(s3):
         OutputLock(OUTPUT, "late").acquire()
 
 
+@pytest.mark.slow
 def test_a_shard_cut_short_keeps_its_rows_is_marked_partial_and_is_retried(ray_cluster, s3, photos, tmp_path):
     clean = [r for r in photos if r.key != "999-truncated"]
     (path,) = write_webdataset(clean[:4], tmp_path, shard_size=4)

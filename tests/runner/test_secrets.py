@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from pipeline.sample import write_webdataset
 from tests.conftest import BUCKET
 from tests.runner.test_refresh import FAST
@@ -31,6 +33,7 @@ def _leaks(blob: bytes) -> list[str]:
     return [name for name, value in CANARIES.items() if value.encode() in blob]
 
 
+@pytest.mark.slow
 def test_fake_credentials_appear_nowhere_the_run_prints_or_writes(s3, s3_endpoint, photos, tmp_path):
     clean = [r for r in photos if r.key != "999-truncated"][:4]
     for path in write_webdataset(clean, tmp_path / "input", shard_size=2):

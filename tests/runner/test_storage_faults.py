@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.sample import write_webdataset
 from tests.conftest import BUCKET, glob_sql, output_sql
 from tests.runner.test_refresh import FAST
@@ -50,6 +52,7 @@ def test_transient_faults_on_reads_and_writes_are_retried_and_nothing_is_lost(
     assert output_sql(OUTPUT, query).fetchall() == glob_sql(OUTPUT, query).fetchall() == [(16, 16, 16)]
 
 
+@pytest.mark.slow
 def test_permanent_errors_fail_fast_and_name_the_uri(s3, s3_endpoint):
     s3.pipe(f"{BUCKET}/input/x.tar", b"")
     plan = FaultPlan(denied_buckets={"denied-bucket"})

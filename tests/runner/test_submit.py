@@ -86,6 +86,7 @@ def _submit(*args: str, token: str) -> subprocess.CompletedProcess:
     return subprocess.run([imagetune, "submit", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_refresh_submitted_with_token_auth_succeeds_and_the_same_night_is_refused(token_cluster, s3, photos, tmp_path):
     address, token = token_cluster
     upload_shards(s3, tmp_path, photos[:4], ["a", "b"])
@@ -104,6 +105,7 @@ def test_refresh_submitted_with_token_auth_succeeds_and_the_same_night_is_refuse
     assert wrong.returncode != 0 and "wrong-token" not in wrong.stdout
 
 
+@pytest.mark.slow
 def test_a_submitted_job_refuses_local_paths_whose_files_workers_would_not_share(token_cluster, photos, tmp_path):
     address, token = token_cluster
     write_webdataset(photos[:2], tmp_path / "input", shard_size=2)
