@@ -11,7 +11,6 @@ table and writes it as JSON and Markdown; --write-card also records it in the mo
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline.core import storage
 from pipeline.runner.cluster import init_ray
@@ -62,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import configure_logging
+    from pipeline.cli import entrypoint
 
-    configure_logging()
-    sys.exit(main())
+    entrypoint("eval-aligner", main)

@@ -7,6 +7,7 @@ declared) and how (steps, wall time, device), and how it scored (evaluation tabl
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -67,7 +68,8 @@ def write_checkpoint(output: str, save: Callable[[str], None], card: dict[str, A
     with tempfile.TemporaryDirectory() as directory:
         local = Path(directory) / MODEL_FILE
         save(str(local))
-        card = {**card, "weights_sha256": file_digest(str(local))}
+        # As JSON will hold it (tuples become lists), so the card returned is the card a reader gets.
+        card = json.loads(json.dumps({**card, "weights_sha256": file_digest(str(local))}))
         storage.ensure_parent(fs, f"{path}/{MODEL_FILE}")
         with storage.errors_naming(output, "write the model to"):
             fs.put_file(str(local), f"{path}/{MODEL_FILE}")

@@ -145,13 +145,14 @@ def _assert_rows_match_reference_models(rows, dataset, models):
 def _compare_rows(rows, dataset, tuner, tuner_id, clip, clip_preprocess, coca, coca_preprocess, tokenizer):
     captions = set()
     for row in (r for r in rows if r["status"] == "ok"):
-        decoded = decode_image(dataset[row["id"]].data, MAX_SIDE, 10**8)
+        record = dataset[row["id"]]  # its key names its degradation, whatever the row's id (Parquet: row index)
+        decoded = decode_image(record.data, MAX_SIDE, 10**8)
         source = decoded.pixels
-        assert row["jpeg_quality"] == decoded.jpeg_quality and (row["jpeg_quality"] == 10) == ("jpeg10" in row["id"])
+        assert row["jpeg_quality"] == decoded.jpeg_quality and (row["jpeg_quality"] == 10) == ("jpeg10" in record.key)
         assert row["noise_sigma"] == pytest.approx(estimate_noise_sigma(source), abs=1e-4)
         tuned = np.asarray(Image.open(io.BytesIO(row["tuned_image"])).convert("RGB"))
         if row["tune_action"].startswith("skipped"):  # nothing to restore: the decoded pixels, untouched
-            assert np.array_equal(tuned, source) and row["noise_sigma"] < 2.0 and "jpeg10" not in row["id"]
+            assert np.array_equal(tuned, source) and row["noise_sigma"] < 2.0 and "jpeg10" not in record.key
         else:
             (expected,) = restore_images(tuner, [source], 512, 32, 4, torch.device("cpu"))
             assert np.abs(tuned.astype(int) - expected.astype(int)).max() <= 1, row["id"]
