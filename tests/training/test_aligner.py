@@ -163,6 +163,7 @@ def trained(shapes) -> dict:
     return train(shapes, shapes["root"] / "aligner", folds=3, epochs=EPOCHS)
 
 
+@pytest.mark.slow
 def test_aligner_beats_the_untuned_tower_on_every_held_out_fold(trained):
     card = trained["card"]
     assert_every_fold_beats_untuned_and_chance(card["cross_validation"], folds=3)
