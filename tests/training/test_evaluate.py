@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from jobs import eval_tuner
+from pipeline.core.config import TuneConfig
+from pipeline.models.assess import estimate_noise_sigma
 from pipeline.models.tuner import random_tuner
 from pipeline.training.evaluate import CV2_HINT, evaluate, format_markdown
 from pipeline.training.metrics import MAX_PSNR
@@ -33,10 +35,17 @@ def test_identity_model_scores_exactly_the_degraded_input_and_does_no_harm(two_i
     by_label = {row["label"]: row for row in table["rows"]}
     assert by_label["gaussian sigma=50"]["input"]["psnr"] < by_label["gaussian sigma=15"]["input"]["psnr"] < 30
     assert by_label["clean"]["model"]["psnr"] == MAX_PSNR and by_label["clean"]["model"]["ssim"] == pytest.approx(1)
-    # The pipeline would pass the clean inputs through untouched and restore every degraded one.
-    assert [row["skipped"] for row in table["rows"]] == [0, 0, 0, 2]
+    # The pipeline restores every degraded input, and passes a clean one through when its estimated
+    # noise is under tune.skip_sigma (these photographs' own grain reads 3.1 and 4.2: restored too).
+    quiet = sum(estimate_noise_sigma(image.astype(np.float64)) < TuneConfig().skip_sigma for _, image in two_images)
+    assert [row["skipped"] for row in table["rows"]] == [0, 0, 0, quiet]
     markdown = format_markdown(table)
-    assert "| jpeg q=10 |" in markdown and "100.00 / 1.0000" in markdown and "| 2/2 |" in markdown
+    assert "| jpeg q=10 |" in markdown and "100.00 / 1.0000" in markdown and f"| {quiet}/2 |" in markdown
+    # A smooth lossless image has nothing to restore: skipped when clean, restored once noisy.
+    ramp = np.linspace(0, 255, 64)
+    smooth = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64))], -1)
+    rows = evaluate(model, [("ramp", smooth.astype(np.uint8))], [15], [], baselines=False)["rows"]
+    assert [row["skipped"] for row in rows] == [0, 1]
 
 
 def test_baselines_without_opencv_fail_with_the_install_hint(two_images, monkeypatch):
