@@ -18,7 +18,12 @@ from tests.runner.test_refresh import FAST, INPUT, OUTPUT, rows, upload_shards
 pytestmark = pytest.mark.cluster
 
 # Fake GPUs have no CUDA, and fake node types cannot declare memory (a reservation would never fit).
-CLUSTER_SETTINGS = ["runner.cuda_required=false", "runner.model_memory_gb=0", "read.batch_rows=2"]
+CLUSTER_SETTINGS = [
+    "runner.accelerator=gpu",
+    "runner.cuda_required=false",
+    "runner.model_memory_gb=0",
+    "read.batch_rows=2",
+]
 # Ray Data's own coordination actors live beside the driver by design; they carry no data.
 RAY_DATA_COORDINATION = ("_StatsActor.", "ActorLocationTracker.", "_AutoscalingCoordinatorActor.")
 

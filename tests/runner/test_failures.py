@@ -55,6 +55,7 @@ def _wait_for(condition, timeout: float = 240.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_run_then_rerun_leaves_each_record_once(ray_cluster, photos, tmp_path):
     records = _dataset(photos, tmp_path / "input", shards=10, per_shard=3)
     output = tmp_path / "output"

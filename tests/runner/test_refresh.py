@@ -26,6 +26,7 @@ FAST = [
     "clip.pretrained=random",
     "decode.max_side=64",
     "runner.model_memory_gb=0.5",
+    "runner.accelerator=cpu",  # tests that join a running Ray would otherwise wait for a GPU node
     "write.vacuum_grace_seconds=0",
 ]
 

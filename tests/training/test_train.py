@@ -40,6 +40,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_training_lowers_validation_loss_resumes_its_step_count_and_ships_model_and_card_on_s3(
     ray_cluster, s3, tmp_path
 ):
