@@ -42,7 +42,7 @@ DUPLICATES = 3  # the same image bytes again, in a later shard, with another cap
 BLANK = 4  # images without a usable caption
 
 # Recall@1 (both ways) every held-out fold must clear. Measured with 3 folds and 30 epochs: tuned
-# 0.14-0.22, untuned <= 0.04, chance about 0.02; with 5 folds: tuned 0.12-0.51 (README).
+# 0.14-0.22, untuned <= 0.04, chance about 0.02; with 5 folds: tuned 0.14-0.40 (README).
 MARGIN_OVER_UNTUNED = 0.08
 TIMES_CHANCE = 3.0
 EPOCHS = 30
