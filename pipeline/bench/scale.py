@@ -281,49 +281,69 @@ def child_main(source: str, output: str, command: str) -> dict[str, Any]:
     }
 
 
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the first column left-aligned, the figures right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _optional(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def to_markdown(results: list[ScaleResult]) -> str:
     """One table row per run."""
-    lines = [
-        "| storage | shards | plan s | run s | shards/s | commits | commit capacity (shards/s) "
-        "| driver peak per shard | S3 requests per shard | no-op refresh s | no-op requests (listing pages) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    header = ["storage", "shards", "plan s", "run s", "shards/s", "commits", "commit capacity (shards/s)"]
+    header += ["driver peak per shard", "S3 requests per shard", "no-op refresh s", "no-op requests (listing pages)"]
+    rows = [
+        [
+            r.storage,
+            f"{r.shards:,}",
+            f"{r.plan_seconds:.1f}",
+            f"{r.run_seconds:.1f}",
+            f"{r.shards_per_second:.1f}",
+            str(r.commits),
+            f"{r.commit_capacity:.0f}",
+            f"{r.driver_bytes_per_shard / 1024:.2f} KiB",
+            _optional(r.requests_per_shard, ".1f"),
+            f"{r.noop_seconds:.1f}",
+            "" if r.noop_requests is None else f"{r.noop_requests} ({r.listing_pages})",
+        ]
+        for r in results
     ]
-    for r in results:
-        requests = "" if r.requests_per_shard is None else f"{r.requests_per_shard:.1f}"
-        noop = "" if r.noop_requests is None else f"{r.noop_requests} ({r.listing_pages})"
-        lines.append(
-            f"| {r.storage} | {r.shards:,} | {r.plan_seconds:.1f} | {r.run_seconds:.1f} | {r.shards_per_second:.1f} "
-            f"| {r.commits} | {r.commit_capacity:.0f} | {r.driver_bytes_per_shard / 1024:.2f} KiB | {requests} "
-            f"| {r.noop_seconds:.1f} | {noop} |"
-        )
-    return "\n".join(lines)
+    return _table(header, rows)
 
 
 def noop_markdown(refreshes: list[NoopRefresh]) -> str:
-    lines = [
-        "| storage | committed shards | no-op refresh s | requests | input listing pages | driver peak per shard |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    header = ["storage", "committed shards", "no-op refresh s", "requests", "input listing pages"]
+    rows = [
+        [
+            r.storage,
+            f"{r.shards:,}",
+            f"{r.seconds:.1f}",
+            _optional(r.requests, "d"),
+            str(r.listing_pages),
+            f"{r.driver_bytes_per_shard / 1024:.2f} KiB",
+        ]
+        for r in refreshes
     ]
-    for r in refreshes:
-        requests = "" if r.requests is None else str(r.requests)
-        lines.append(
-            f"| {r.storage} | {r.shards:,} | {r.seconds:.1f} | {requests} | {r.listing_pages} "
-            f"| {r.driver_bytes_per_shard / 1024:.2f} KiB |"
-        )
-    return "\n".join(lines)
+    return _table([*header, "driver peak per shard"], rows)
 
 
 def commits_markdown(rates: list[CommitRate]) -> str:
-    lines = [
-        "| storage | shards | shards per commit | seconds | shard commits/s | requests per commit |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    header = ["storage", "shards", "shards per commit", "seconds", "shard commits/s", "requests per commit"]
+    rows = [
+        [
+            r.storage,
+            f"{r.shards:,}",
+            str(r.batch),
+            f"{r.seconds:.1f}",
+            f"{r.shards_per_second:.0f}",
+            _optional(r.requests_per_commit, ".1f"),
+        ]
+        for r in rates
     ]
-    for r in rates:
-        requests = "" if r.requests_per_commit is None else f"{r.requests_per_commit:.1f}"
-        lines.append(
-            f"| {r.storage} | {r.shards:,} | {r.batch} | {r.seconds:.1f} | {r.shards_per_second:.0f} | {requests} |"
-        )
-    return "\n".join(lines)
+    return _table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
