@@ -34,7 +34,8 @@ from pipeline.training.aligner_data import committed_files, read_pairs, read_row
 from pipeline.training.aligner_eval import format_markdown
 from pipeline.training.aligner_trainer import train_aligner
 from pipeline.training.card import read_card
-from tests.conftest import BUCKET, TINY_CLIP, TINY_COCA, reference_threads, sharpened_checkpoint
+from tests.conftest import BUCKET, TINY_CLIP, reference_threads, sharpened_checkpoint
+from tests.runner.test_refresh import FAST
 from tests.training.shapes import draw_scene, random_scene
 
 SCENES = 240
@@ -220,17 +221,10 @@ def test_a_run_with_the_aligner_from_s3_scores_with_its_tuned_text_tower_and_kee
     config = load_config(
         None,
         [
-            "tune.model=random",
-            f"caption.model={TINY_COCA}",
-            "caption.pretrained=random",
-            "caption.generation_type=top_k",
-            "caption.seq_len=8",
-            f"clip.model={TINY_CLIP}",
+            *FAST,  # later settings win: the aligner's base weights, not random ones
             f"clip.pretrained={shapes['clip']}",
             f"clip.text_model={uri}",
-            "decode.max_side=64",
             "encode.format=png",
-            "runner.model_memory_gb=0.5",
             f"runner.checkpoint_cache={tmp_path / 'cache'}",
         ],
         input=str(tmp_path / "input"),
