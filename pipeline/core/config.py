@@ -187,8 +187,10 @@ class RunnerConfig:
     tune_num_gpus: float = 0.25
     caption_num_gpus: float = 0.5
     clip_num_gpus: float = 0.25
-    finalize_num_cpus: float = 1.0  # per finalize task (one per shard, on a worker)
+    finalize_num_cpus: float = 1.0  # per finalize task (on a worker)
     finalize_max_in_flight: int = 128  # finalize tasks running at once
+    finalize_batch_shards: int = 32  # shards waiting together share a task, up to this many
+    finalize_batch_mb: float = 64.0  # and this many staged MB (about a second of work; a larger shard goes alone)
     progress_bars: bool | None = None  # null: when stderr is a terminal
     lock_ttl_seconds: float = 600.0  # a lease not renewed for this long may be taken over
     checkpoint_cache: str = CHECKPOINT_CACHE  # per node, for checkpoints fetched from object storage
@@ -228,8 +230,12 @@ class JobConfig:
                 f"runner.model_max_actors={self.runner.model_max_actors} is below "
                 f"runner.model_min_actors={self.runner.model_min_actors}"
             )
-        if self.runner.model_min_actors < 1 or self.runner.finalize_max_in_flight < 1:
-            raise ValueError("runner.model_min_actors and runner.finalize_max_in_flight must be at least 1")
+        runner = self.runner
+        if min(runner.model_min_actors, runner.finalize_max_in_flight, runner.finalize_batch_shards) < 1:
+            raise ValueError(
+                "runner.model_min_actors, runner.finalize_max_in_flight and runner.finalize_batch_shards "
+                "must be at least 1"
+            )
         if self.caption.seq_len <= self.caption.min_seq_len:
             raise ValueError(
                 f"caption.seq_len={self.caption.seq_len} must exceed caption.min_seq_len={self.caption.min_seq_len}"

@@ -2,9 +2,9 @@
 
 The stream loop (``run_stages``) only records parts in the ledger and queues complete shards. The
 ``Committer``'s thread dispatches their finalize tasks (spread over workers, each reserving the
-memory its shard needs, a bounded number in flight), waits for them, and hands every finished
-shard to the output's commit in one batch, so a shard commits as soon as its file is written and
-commits never hold up the stream.
+memory its largest shard needs, a bounded number in flight; small shards that are waiting together
+share a task), waits for them, and hands every finished shard to the output's commit in one batch,
+so a shard commits as soon as its file is written and commits never hold up the stream.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pipeline.core.config import JobConfig
 from pipeline.readers.plan import Shard
 from pipeline.writers.ledger import FinalizeRequest, ShardLedger, ShardRows, StagedPart
 from pipeline.writers.lock import OutputLockedError
-from pipeline.writers.parquet import FinalizedShard, finalize_memory, finalize_shard
+from pipeline.writers.parquet import FinalizedShard, finalize_memory, finalize_shards
 from pipeline.writers.table import OutputTable, ShardCommit
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Committer:
         self._error: BaseException | None = None
         runner = config.runner
         self._finalize = ray.remote(num_cpus=runner.finalize_num_cpus, scheduling_strategy="SPREAD", max_retries=3)(
-            finalize_shard
+            finalize_shards
         )
         self._thread = threading.Thread(target=self._run, name="shard-committer", daemon=True)
         self._thread.start()
@@ -82,9 +82,9 @@ class Committer:
         (or at the end of the stream): a shard waits at most that long after its file is written, and
         the log gets at most one version per interval however fast shards finish.
         """
-        interval = self._config.write.commit_interval_seconds
+        interval, runner = self._config.write.commit_interval_seconds, self._config.runner
         waiting: deque[FinalizeRequest] = deque()
-        pending: dict[ray.ObjectRef, FinalizeRequest] = {}
+        pending: dict[ray.ObjectRef, list[FinalizeRequest]] = {}
         ready: list[tuple[FinalizeRequest, object]] = []
         ended, last_commit = False, 0.0
         try:
@@ -92,9 +92,9 @@ class Committer:
                 due = last_commit + interval - time.monotonic()
                 idle = not pending and not waiting
                 ended = self._take(waiting, timeout=(max(due, 0.05) if ready else 0.5) if idle else 0) or ended
-                while waiting and len(pending) < self._config.runner.finalize_max_in_flight:
-                    request = waiting.popleft()
-                    pending[self._start(request)] = request
+                while waiting and len(pending) < runner.finalize_max_in_flight:
+                    batch = next_batch(waiting, runner.finalize_batch_shards, runner.finalize_batch_mb * 2**20)
+                    pending[self._start(batch)] = batch
                 ready += self._finished(pending)
                 drained = ended and not waiting and not pending
                 if ready and (drained or time.monotonic() >= last_commit + interval):
@@ -104,7 +104,8 @@ class Committer:
             logger.error("committer stopped: %s", error)
             self._error = error
             with self._lock:
-                for request in [*waiting, *pending.values(), *(request for request, _ in ready)]:
+                started = (request for batch in pending.values() for request in batch)
+                for request in [*waiting, *started, *(request for request, _ in ready)]:
                     self.ledger.fail(request, "commit", error)
 
     def _take(self, waiting: deque[FinalizeRequest], timeout: float) -> bool:
@@ -120,16 +121,18 @@ class Committer:
         except queue.Empty:
             return False
 
-    def _start(self, request: FinalizeRequest) -> ray.ObjectRef:
+    def _start(self, batch: list[FinalizeRequest]) -> ray.ObjectRef:
+        """One task finalizing ``batch`` in turn, reserving the memory of its largest shard."""
         write = self._config.write
-        target = storage.join(self._config.output, self._path(request))
-        memory = finalize_memory(request.staged_bytes, request.records, write.row_group_rows, write.batch_rows)
-        return self._finalize.options(memory=memory).remote(
-            list(request.parts), target, write.compression, write.row_group_rows
+        memory = max(
+            finalize_memory(request.staged_bytes, request.records, write.row_group_rows, write.batch_rows)
+            for request in batch
         )
+        shards = [(list(request.parts), storage.join(self._config.output, self._path(request))) for request in batch]
+        return self._finalize.options(memory=memory).remote(shards, write.compression, write.row_group_rows)
 
-    def _finished(self, pending: dict[ray.ObjectRef, FinalizeRequest]) -> list[tuple[FinalizeRequest, object]]:
-        """The finalizes that ended (waiting briefly for the first), with their result or error."""
+    def _finished(self, pending: dict[ray.ObjectRef, list[FinalizeRequest]]) -> list[tuple[FinalizeRequest, object]]:
+        """The shards whose finalize ended (waiting briefly for the first task), with their result or error."""
         if not pending:
             return []
         ready, rest = ray.wait(list(pending), num_returns=1, timeout=0.2)
@@ -138,11 +141,11 @@ class Committer:
             ready += more
         out = []
         for ref in ready:
-            request = pending.pop(ref)
+            batch = pending.pop(ref)
             try:
-                out.append((request, ray.get(ref)))
-            except Exception as error:  # one shard's failure is reported; the run goes on
-                out.append((request, error))
+                out += zip(batch, ray.get(ref), strict=True)
+            except Exception as error:  # the task failed: its shards are reported; the run goes on
+                out += [(request, error) for request in batch]
         return out
 
     def _path(self, request: FinalizeRequest) -> str:
@@ -181,3 +184,15 @@ class Committer:
         rows = ShardRows(written.rows.counts, request.models, written.rows.unread)
         shard = self._shards[request.shard_id]
         return ShardCommit(shard, self._path(request), written.bytes, written.stats, rows)
+
+
+def next_batch(waiting: deque[FinalizeRequest], max_shards: int, max_staged_bytes: float) -> list[FinalizeRequest]:
+    """The shards one finalize task takes from ``waiting``: the first, and those after it while the
+    batch stays within ``max_shards`` and ``max_staged_bytes``. Only shards already waiting share a
+    task: none waits for a batch to fill, so batching never delays a commit."""
+    batch = [waiting.popleft()]
+    staged = batch[0].staged_bytes
+    while waiting and len(batch) < max_shards and staged + waiting[0].staged_bytes <= max_staged_bytes:
+        staged += waiting[0].staged_bytes
+        batch.append(waiting.popleft())
+    return batch

@@ -153,6 +153,28 @@ def finalize_shard(
     return FinalizedShard(final_uri, size, rows, bounds.delta_stats(rows.rows + unread))
 
 
+class FinalizeError(Exception):
+    """One shard's finalize failed inside a task that finalized several: the error, by name and text
+    (an exception object need not pickle back to the driver)."""
+
+
+def finalize_shards(
+    shards: list[tuple[list[str], str]], compression: str = "zstd", row_group_rows: int = 1024
+) -> list[FinalizedShard | FinalizeError]:
+    """``finalize_shard`` for each ``(part URIs, final URI)``, one after another, in one task.
+
+    Small shards share a task (a Ray task's own cost is far above a tiny shard's work); memory holds
+    one shard's row group at a time. One shard's failure is its result, not the others'.
+    """
+    results: list[FinalizedShard | FinalizeError] = []
+    for parts, final_uri in shards:
+        try:
+            results.append(finalize_shard(parts, final_uri, compression, row_group_rows))
+        except Exception as error:
+            results.append(FinalizeError(f"{type(error).__name__}: {error}"))
+    return results
+
+
 def finalize_memory(staged_bytes: int, records: int, row_group_rows: int, part_rows: int) -> int:
     """Bytes a finalize holds at most: a row group being assembled plus the part being read, twice
     (concatenation and sort copy them), and the interpreter and Parquet writer on top."""

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.core.batch import object_column
 from pipeline.core.schema import OUTPUT_SCHEMA, to_output_table
-from pipeline.writers.parquet import StagedPartWriter, finalize_shard
+from pipeline.writers.parquet import FinalizeError, StagedPartWriter, finalize_shard, finalize_shards
 
 NOW = datetime(2026, 11, 22, 7, 30, tzinfo=UTC)
 
@@ -85,3 +85,17 @@ def test_a_failed_finalize_leaves_no_file_behind(tmp_path):
     with pytest.raises(FileNotFoundError):
         finalize_shard([part, str(tmp_path / "staging" / "gone.parquet")], str(target))
     assert not target.exists()
+
+
+def test_shards_finalized_in_one_task_fail_alone(tmp_path):
+    writer = StagedPartWriter(str(tmp_path / "staging"), "run-1", NOW)
+    meta = writer(_batch(["a.tar", "b.tar", "b.tar", "c.tar"], ["ok", "ok", "error", "ok"]))
+    parts = dict(zip(meta["shard_id"], map(str, meta["uri"]), strict=True))
+    out = tmp_path / "dt=2026-11-22"
+    gone = str(tmp_path / "staging" / "gone.parquet")
+    shards = [([parts["a.tar"]], str(out / "a.parquet")), ([parts["b.tar"], gone], str(out / "b.parquet"))]
+    a, b, c = finalize_shards([*shards, ([parts["c.tar"]], str(out / "c.parquet"))])
+    assert isinstance(b, FinalizeError) and str(b).startswith("FileNotFoundError: ")
+    assert not (out / "b.parquet").exists()
+    assert (a.rows.counts, c.rows.counts) == ({"ok": 1}, {"ok": 1})
+    assert pq.read_table(out / "c.parquet").column("id").to_pylist() == ["c.tar#3"]
