@@ -28,7 +28,7 @@ FILE_GROUP = "@files-"  # a plain-file group's id: ``<directory>/@files-<its fir
 ShardKind = Literal["tar", "parquet", "files"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShardMember:
     """One object of a shard with the identity a refresh compares (size + ETag or mtime, in the shard's fingerprint)."""
 
@@ -39,7 +39,7 @@ class ShardMember:
     caption_version: str = ""  # size and version of the caption sidecar, which changes the record too
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shard:
     """One unit of work. ``shard_id`` is the path relative to the input root, stable across runs."""
 
@@ -111,20 +111,14 @@ def plan_input(
     when no shard is left: an empty input is almost always a wrong path, and a silent zero-row run
     would hide it.
     """
-    fs, root = storage.filesystem(input_uri)
-    with storage.errors_naming(input_uri, "list input"):
-        if fs.isfile(root):
-            listing = {root: fs.info(root)}
-            root = fs._parent(root)
-        else:
-            listing = fs.find(root, withdirs=False, detail=True)
+    fs, root, listing = _list(input_uri)
     shards: list[Shard] = []
     image_files: dict[str, list[ShardMember]] = defaultdict(list)
     sidecars = {path.rsplit(".", 1)[0]: path for path in listing if path.lower().endswith(".txt")}
     images = {path.rsplit(".", 1)[0] for path in listing if _extension(path) in IMAGE_EXTENSIONS}
     hidden = excluded = 0
     unrecognised: Counter[str] = Counter()
-    for path, info in sorted(listing.items()):
+    for path, (size, version) in sorted(listing.items()):
         relative = path[len(root) :].lstrip("/") if path.startswith(root) else path
         *directories, name = relative.split("/")
         extension = _extension(name)
@@ -137,16 +131,16 @@ def plan_input(
         if not _selected(relative, include or [], exclude or []):
             excluded += 1
             continue
-        member = ShardMember(storage.protocol_uri(fs, path), int(info.get("size") or 0), _version(info))
+        member = ShardMember(storage.protocol_uri(fs, path), size, version)
         if name.lower().endswith(TAR_SUFFIXES):
             shards.append(Shard(relative, "tar", (member,)))
         elif extension == "parquet":
             shards.append(Shard(relative, "parquet", (member,)))
         elif extension in IMAGE_EXTENSIONS:
             if stem in sidecars:
-                sidecar = sidecars[stem]
-                version = f"{int(listing[sidecar].get('size') or 0)}:{_version(listing[sidecar])}"
-                member = replace(member, caption_uri=storage.protocol_uri(fs, sidecar), caption_version=version)
+                caption = sidecars[stem]
+                caption_version = "{}:{}".format(*listing[caption])
+                member = replace(member, caption_uri=storage.protocol_uri(fs, caption), caption_version=caption_version)
             image_files[relative.rpartition("/")[0]].append(member)
         else:
             unrecognised[f".{extension}" if extension else "(no extension)"] += 1
@@ -161,6 +155,26 @@ def plan_input(
             f"files{_describe(skipped)}"
         )
     return InputPlan(sorted(shards, key=lambda s: s.shard_id), skipped)
+
+
+def _list(input_uri: str) -> tuple[Any, str, dict[str, tuple[int, str]]]:
+    """The filesystem, the root, and every file under it as ``path → (size, version)``.
+
+    The listing's own entries (a dict of a dozen fields per object) are dropped one by one as they
+    are read: the shards, which planning keeps, then reuse that memory instead of adding to it.
+    """
+    fs, root = storage.filesystem(input_uri)
+    with storage.errors_naming(input_uri, "list input"):
+        if fs.isfile(root):
+            found = {root: fs.info(root)}
+            root = fs._parent(root)
+        else:
+            found = fs.find(root, withdirs=False, detail=True)
+    listing = {}
+    while found:
+        path, info = found.popitem()
+        listing[path] = (int(info.get("size") or 0), _version(info))
+    return fs, root, listing
 
 
 def _extension(name: str) -> str:

@@ -3,7 +3,8 @@
 Pure bookkeeping, no Ray and no storage: the runner feeds it the metadata of each staged part and
 the result of each finalize, and it says which shards to finalize and what to commit. Memory is
 bounded per shard: an open shard holds a bitmap of the record ordinals seen and its part URIs; a
-shard that started finalizing holds only its counts; a committed shard only adds to the totals.
+shard that started finalizing holds only its counts; a committed shard only adds to the totals; a
+shard none of whose parts has come yet holds nothing but its id.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class _Bitmap:
             self.count += 1
 
 
-@dataclass
+@dataclass(slots=True)
 class _OpenShard:
     parts: list[str] = field(default_factory=list)
     seen: _Bitmap = field(default_factory=_Bitmap)
@@ -128,7 +129,7 @@ class ShardLedger:
     """
 
     def __init__(self, shard_ids: list[str]) -> None:
-        self._open: dict[str, _OpenShard] = {shard_id: _OpenShard() for shard_id in shard_ids}
+        self._open: dict[str, _OpenShard | None] = dict.fromkeys(shard_ids)  # made at a shard's first part
         self.committed: list[str] = []
         self.partial: list[str] = []
         self.failed: dict[str, str] = {}
@@ -142,10 +143,12 @@ class ShardLedger:
         task); counting it would finalize the shard a second time. It is left in the staging folder,
         which the run removes at its end.
         """
-        state = self._open.get(part.shard_id)
-        if state is None:
+        if part.shard_id not in self._open:
             logger.warning("shard %s: ignoring part %s, staged after the shard was complete", part.shard_id, part.uri)
             return None
+        state = self._open[part.shard_id]
+        if state is None:
+            state = self._open[part.shard_id] = _OpenShard()
         state.parts.append(part.uri)
         for ordinal in part.ordinals:
             state.seen.add(ordinal)
@@ -163,7 +166,7 @@ class ShardLedger:
         """Every part has arrived: finalize the shards that read no record; fail those left incomplete."""
         requests = []
         for shard_id, state in list(self._open.items()):
-            if not state.parts and state.total < 0:
+            if state is None:
                 requests.append(self._close(shard_id))  # zero records: committed as an empty file
                 continue
             seen = f"{state.seen.count} of {state.total if state.total >= 0 else 'an unknown number of'}"
@@ -172,7 +175,7 @@ class ShardLedger:
         return requests
 
     def _close(self, shard_id: str) -> FinalizeRequest:
-        state = self._open.pop(shard_id)
+        state = self._open.pop(shard_id) or _OpenShard()
         models = {column: tuple(sorted(ids)) for column, ids in state.models.items()}
         parts = tuple(state.parts)
         return FinalizeRequest(shard_id, parts, max(state.total, 0), state.staged_bytes, models, state.unread > 0)
