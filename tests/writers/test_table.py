@@ -88,6 +88,20 @@ def test_committed_shards_are_the_state_a_later_run_reads_from_the_log_alone(out
     assert not fs.exists(staging)
 
 
+def test_a_long_run_checkpoints_while_it_commits_and_goes_on_from_the_checkpoint(output, monkeypatch):
+    monkeypatch.setattr("pipeline.writers.table.CHECKPOINT_SECONDS", 0.0)  # every commit is due one
+    shards = [tar(name) for name in "abc"]
+    with OutputTable.open(output, "run-1", DAY) as table:
+        for shard in shards:
+            table.commit([write_shard(table, shard, ["0"])])
+            last = storage.read_json(storage.join(output, "_delta_log", "_last_checkpoint"))
+            assert last["version"] == table.version
+        table.commit([write_shard(table, tar("a", "v2"), ["0", "1"])])  # replaces a file the reload read
+    log = DeltaTable(output, storage_options=storage.delta_options(output))
+    assert log.transaction_version("imagetune.run.run-1") == 4  # all four commits landed, in order
+    assert table_ids(output) == ["a.tar#0", "a.tar#1", "b.tar#0", "c.tar#0"]
+
+
 def test_a_replaced_shard_is_never_twice_in_a_snapshot_and_at_rest_the_glob_is_the_table(output):
     a = tar("a")
     with OutputTable.open(output, "run-1", DAY) as table:
