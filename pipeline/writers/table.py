@@ -180,7 +180,6 @@ class OutputTable(OutputSnapshot):
         self._commit_seconds = 0.0
         self._checkpointed_at = time.monotonic()
         self._removed_at: float | None = None  # time.monotonic() of this run's last commit that removed files
-        self._options = storage.delta_options(output)
 
     @classmethod
     @contextmanager
@@ -324,12 +323,20 @@ class OutputTable(OutputSnapshot):
                 time.sleep(_backoff(attempt))
         _retry_transient(self._table.update_incremental)  # the handle does not advance by itself
         if checkpoint:
-            self._table.create_checkpoint()
-            # A snapshot grown by incremental updates holds more memory per file than one loaded
-            # from a checkpoint (2·10^4 files committed 40 at a time: 2.2 KB per file, 1.5 with a
-            # reload every 50 commits): reload from the one just written, a few requests each time.
-            self._table = _retry_transient(lambda: DeltaTable(self.output, storage_options=self._options))
             self._checkpointed_at = time.monotonic()
+            try:
+                self._table.create_checkpoint()
+                # A snapshot grown by incremental updates holds more memory per file than one loaded
+                # from a checkpoint (2·10^4 files committed 40 at a time: 2.2 KB per file, 1.5 with a
+                # reload every 50 commits): reload from the one just written, a few requests each time.
+                self._table = DeltaTable(self.output, storage_options=storage.delta_options(self.output))
+            except Exception as error:  # the commit has landed: a checkpoint only makes the log cheaper to read
+                logger.warning(
+                    "checkpoint after commit %d failed (%s); the next is due in %.0f s",
+                    mark.version,
+                    error,
+                    CHECKPOINT_SECONDS,
+                )
         self._commit_seconds += time.perf_counter() - started
 
     def commit_stats(self) -> dict[str, float]:

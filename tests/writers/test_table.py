@@ -102,6 +102,26 @@ def test_a_long_run_checkpoints_while_it_commits_and_goes_on_from_the_checkpoint
     assert table_ids(output) == ["a.tar#0", "a.tar#1", "b.tar#0", "c.tar#0"]
 
 
+def test_a_checkpoint_that_fails_after_its_commit_landed_fails_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.writers.table.CHECKPOINT_SECONDS", 0.0)
+    real = DeltaTable.create_checkpoint
+    calls = []
+
+    def flaky(self):
+        calls.append(self.version())
+        if len(calls) == 1:
+            raise OSError("connection reset by peer")
+        return real(self)
+
+    monkeypatch.setattr(DeltaTable, "create_checkpoint", flaky)
+    output = str(tmp_path / "output")
+    with OutputTable.open(output, "run-1", DAY) as table:
+        table.commit([write_shard(table, tar("a"), ["0"])])
+        table.commit([write_shard(table, tar("b"), ["0"])])
+    assert calls[:2] == [1, 2], "the failed checkpoint did not stop the next commit's"
+    assert table_ids(output) == glob_ids(output) == ["a.tar#0", "b.tar#0"]
+
+
 def test_a_replaced_shard_is_never_twice_in_a_snapshot_and_at_rest_the_glob_is_the_table(output):
     a = tar("a")
     with OutputTable.open(output, "run-1", DAY) as table:
