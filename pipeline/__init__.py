@@ -3,9 +3,9 @@
 import os
 
 # deltalake's Rust side allocates through its own jemalloc, which by default keeps freed pages for
-# 10 s: the transient memory of replaying the table's log (a third of it at 10^5 files) then stays
-# in the driver's resident set on top of the snapshot it leaves. Returned at once, the driver's peak
-# at 10^5 committed shards falls from ~2.2 to ~1.85 KB per shard (a no-op refresh, measured).
+# 10 s: the transient memory of replaying the table's log then stays
+# in the driver's resident set on top of the snapshot it leaves (see README → Benchmark, "Driver
+# memory, no-op refresh").
 # Read when deltalake loads: set here, before any module of the package can import it.
 os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 

@@ -327,8 +327,7 @@ class OutputTable(OutputSnapshot):
             try:
                 self._table.create_checkpoint()
                 # A snapshot grown by incremental updates holds more memory per file than one loaded
-                # from a checkpoint (2·10^4 files committed 40 at a time: 2.2 KB per file, 1.5 with a
-                # reload every 50 commits): reload from the one just written, a few requests each time.
+                # from a checkpoint: reload from the one just written, a few requests each time.
                 self._table = DeltaTable(self.output, storage_options=storage.delta_options(self.output))
             except Exception as error:  # the commit has landed: a checkpoint only makes the log cheaper to read
                 logger.warning(
