@@ -193,8 +193,9 @@ class OutputTable(OutputSnapshot):
         """
         check_run_id(run_id)
         with OutputLock(output, run_id, lease_ttl) as lock:
-            table = _open_or_create(output)
-            self = cls(output, table, lock, run_id, day)
+            # Not bound to a local: this frame lives as long as the run, and a handle it held would keep
+            # the snapshot as of the open in memory after a checkpoint reloads ``self._table``.
+            self = cls(output, _open_or_create(output), lock, run_id, day)
             self._refuse_seen_run_id()
             self._clean_up_killed_runs()
             storage.write_json(storage.join(self.staging, RUN_MARKER), {"run_id": run_id, "day": day})
