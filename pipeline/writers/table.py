@@ -53,6 +53,12 @@ RUN_APP_PREFIX = "imagetune.run."  # + run id: its version counts that run's com
 # commits: at 10^6 files a checkpoint takes tens of seconds, and opening the table reads the last one
 # plus the commits after it (one GET each), which a run that ended well leaves at a handful.
 CHECKPOINT_SECONDS = 600.0
+# ... and when the files added since the last checkpoint reach this share of the table (at least
+# CHECKPOINT_MIN_FILES): delta-rs holds a file that an incremental update added in about twice the
+# driver memory of one read from a checkpoint, so a run's new files are reloaded compactly, and the
+# checkpoints a run writes cost a constant times the files it adds (the thresholds grow geometrically).
+CHECKPOINT_GROWTH = 0.25
+CHECKPOINT_MIN_FILES = 10_000
 LOG_WRITE_ATTEMPTS = 6  # a log write whose connection broke, tried again over ~16 s (see _retry_transient)
 TABLE_CONFIGURATION = {
     # Each run's commit counter is kept this long, then expires from the log's state.
@@ -179,6 +185,9 @@ class OutputTable(OutputSnapshot):
         self._commits = 0
         self._commit_seconds = 0.0
         self._checkpointed_at = time.monotonic()
+        self._files = sum(1 for _ in self._state.paths())  # in the table's current snapshot
+        self._checkpointed_files = self._files  # ... when this run last wrote a checkpoint (or opened)
+        self._added_since_checkpoint = 0
         self._removed_at: float | None = None  # time.monotonic() of this run's last commit that removed files
 
     @classmethod
@@ -290,7 +299,10 @@ class OutputTable(OutputSnapshot):
             custom_metadata={"imagetune": {"run_id": self.run_id, "epoch": self._epoch, **info}},
             app_transactions=[Transaction(WRITER, self._epoch), mark],
         )
-        checkpoint = time.monotonic() - self._checkpointed_at >= CHECKPOINT_SECONDS
+        added = sum(isinstance(action, AddAction) for action in actions)
+        self._files += 2 * added - len(actions)
+        self._added_since_checkpoint += added
+        checkpoint = self._checkpoint_due()
         base = self._table.version()
         for attempt in range(1, LOG_WRITE_ATTEMPTS + 1):
             try:
@@ -301,7 +313,7 @@ class OutputTable(OutputSnapshot):
                     partition_by=[PARTITION],
                     commit_properties=properties,
                     # Its hook checkpoints only at versions divisible by delta.checkpointInterval;
-                    # this run checkpoints by time instead, below.
+                    # this run checkpoints by time and by growth instead, below.
                     post_commithook_properties=PostCommitHookProperties(
                         create_checkpoint=False, cleanup_expired_logs=False
                     ),
@@ -325,19 +337,22 @@ class OutputTable(OutputSnapshot):
         _retry_transient(self._table.update_incremental)  # the handle does not advance by itself
         if checkpoint:
             self._checkpointed_at = time.monotonic()
+            self._checkpointed_files = self._files
+            self._added_since_checkpoint = 0
             try:
                 self._table.create_checkpoint()
                 # A snapshot grown by incremental updates holds more memory per file than one loaded
                 # from a checkpoint: reload from the one just written, a few requests each time.
                 self._table = DeltaTable(self.output, storage_options=storage.delta_options(self.output))
             except Exception as error:  # the commit has landed: a checkpoint only makes the log cheaper to read
-                logger.warning(
-                    "checkpoint after commit %d failed (%s); the next is due in %.0f s",
-                    mark.version,
-                    error,
-                    CHECKPOINT_SECONDS,
-                )
+                logger.warning("checkpoint after commit %d failed (%s); another is due later", mark.version, error)
         self._commit_seconds += time.perf_counter() - started
+
+    def _checkpoint_due(self) -> bool:
+        """Every ``CHECKPOINT_SECONDS``, and when the files added since the last checkpoint reach
+        ``CHECKPOINT_GROWTH`` of the files the table had then."""
+        grown = max(CHECKPOINT_MIN_FILES, CHECKPOINT_GROWTH * self._checkpointed_files)
+        return time.monotonic() - self._checkpointed_at >= CHECKPOINT_SECONDS or self._added_since_checkpoint >= grown
 
     def commit_stats(self) -> dict[str, float]:
         """This run's commits to the log: how many, and the seconds spent in them."""

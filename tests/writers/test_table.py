@@ -106,6 +106,30 @@ def test_a_long_run_checkpoints_while_it_commits_and_goes_on_from_the_checkpoint
     assert table_ids(output) == ["a.tar#0", "a.tar#1", "b.tar#0", "c.tar#0"]
 
 
+def test_a_run_checkpoints_as_the_table_grows_by_a_share_of_its_files(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.writers.table.CHECKPOINT_SECONDS", 1e9)  # never by time
+    monkeypatch.setattr("pipeline.writers.table.CHECKPOINT_MIN_FILES", 2)
+    monkeypatch.setattr("pipeline.writers.table.CHECKPOINT_GROWTH", 1.0)  # when the table has doubled
+    real = DeltaTable.create_checkpoint
+    versions = []
+
+    def record(self):
+        versions.append(self.version())
+        return real(self)
+
+    monkeypatch.setattr(DeltaTable, "create_checkpoint", record)
+    output = str(tmp_path / "output")
+    with OutputTable.open(output, "run-1", DAY) as table:
+        for name in "abcdefgh":  # commit n (version n) brings the table to n files
+            table.commit([write_shard(table, tar(name), ["0"])])
+        assert versions == [2, 4, 8]
+    with OutputTable.open(output, "run-2", DAY) as table:  # opened with 8 files: due at 8 more
+        for name in "ijklmnop":
+            table.commit([write_shard(table, tar(name), ["0"])])
+        assert versions == [2, 4, 8, 8, 16]  # the first run's close wrote the second 8
+    assert len(table_ids(output)) == 16
+
+
 def test_a_checkpoint_that_fails_after_its_commit_landed_fails_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr("pipeline.writers.table.CHECKPOINT_SECONDS", 0.0)
     real = DeltaTable.create_checkpoint
