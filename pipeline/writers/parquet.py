@@ -10,10 +10,13 @@ table's log says which file counts (``writers.table``), and replaced files are v
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -133,20 +136,33 @@ def finalize_shard(
     A row whose id was already written is dropped: a task that Ray re-executed after a failure can
     stage a row twice. Rows are ordered by ``id`` within each row group, friendly to min/max
     statistics. No parts (a shard with no records) make a file with no rows.
+
+    Idempotent: the parts are deleted in order once the file is complete, so a file whose first part
+    is gone was finished by an earlier attempt (a task that Ray retried after its worker died midway
+    through a batch). Its result is read back from the file, and what is left of its parts goes.
     """
     fs, path = storage.filesystem(final_uri)
     storage.ensure_parent(fs, path)
     bounds = _Bounds()
+    parts = _read_parts(part_uris)
     try:
-        counts = _stream_parts(part_uris, fs, path, compression, row_group_rows, bounds)
-    except BaseException:
-        # The writers close cleanly even on error, which would leave a valid but partial file.
-        if fs.exists(path):
-            fs.rm_file(path)
-        raise
+        first = list(itertools.islice(parts, 1))  # read before the file is opened for writing
+    except FileNotFoundError:
+        if not fs.exists(path):
+            raise
+        counts = _read_back(fs, path, bounds)
+    else:
+        try:
+            counts = _stream_parts(itertools.chain(first, parts), fs, path, compression, row_group_rows, bounds)
+        except BaseException:
+            # The writers close cleanly even on error, which would leave a valid but partial file.
+            if fs.exists(path):
+                fs.rm_file(path)
+            raise
     for uri in part_uris:
         part_fs, part_path = storage.filesystem(uri)
-        part_fs.rm_file(part_path)
+        with contextlib.suppress(FileNotFoundError):  # deleted by the attempt that finished the file
+            part_fs.rm_file(part_path)
     unread = counts.pop("unread", 0)
     size = int(fs.info(path).get("size") or 0)
     rows = ShardRows(dict(counts), {}, unread)
@@ -208,8 +224,27 @@ class _Bounds:
         return json.dumps(stats)
 
 
+def _read_parts(part_uris: list[str]) -> Iterator[pa.Table]:
+    for uri in part_uris:
+        part_fs, part_path = storage.filesystem(uri)
+        with part_fs.open(part_path, "rb") as part:
+            yield pq.read_table(part, schema=OUTPUT_SCHEMA)
+
+
+def _read_back(fs, path: str, bounds: _Bounds) -> Counter:
+    """The counts and bounds of a finished final file, a record batch at a time."""
+    counts: Counter = Counter()
+    with fs.open(path, "rb") as handle:
+        columns = sorted({"status", "error_stage", "source_key", *STATS_COLUMNS})
+        for batch in pq.ParquetFile(handle).iter_batches(columns=columns):
+            table = pa.Table.from_batches([batch])
+            bounds.add(table)
+            counts.update(_counts(table))
+    return counts
+
+
 def _stream_parts(
-    part_uris: list[str], fs, path: str, compression: str, row_group_rows: int, bounds: _Bounds
+    parts: Iterable[pa.Table], fs, path: str, compression: str, row_group_rows: int, bounds: _Bounds
 ) -> Counter:
     counts: Counter = Counter()
     with (
@@ -219,10 +254,7 @@ def _stream_parts(
         pending: list[pa.Table] = []
         pending_rows = 0
         seen: set[str] = set()
-        for uri in part_uris:
-            part_fs, part_path = storage.filesystem(uri)
-            with part_fs.open(part_path, "rb") as part:
-                table = pq.read_table(part, schema=OUTPUT_SCHEMA)
+        for table in parts:
             ids = table.column("id").to_pylist()
             keep = [i not in seen for i in ids]
             seen.update(ids)

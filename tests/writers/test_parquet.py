@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 
 import numpy as np
@@ -99,3 +100,23 @@ def test_shards_finalized_in_one_task_fail_alone(tmp_path):
     assert not (out / "b.parquet").exists()
     assert (a.rows.counts, c.rows.counts) == ({"ok": 1}, {"ok": 1})
     assert pq.read_table(out / "c.parquet").column("id").to_pylist() == ["c.tar#3"]
+
+
+def test_a_retried_finalize_reads_back_the_file_an_earlier_attempt_finished(tmp_path):
+    """Ray retries a finalize task whose worker died; the shards that attempt had finished (their
+    parts deleted, or only the first ones) come out as they did the first time, not as failures."""
+    writer = StagedPartWriter(str(tmp_path / "staging"), "run-1", NOW)
+    first = writer(_batch(["a.tar", "a.tar"], ["ok", "error"]))
+    second = writer(_batch(["a.tar"], ["ok"], first_key=2))
+    parts = [str(first["uri"][0]), str(second["uri"][0])]
+    kept = open(parts[1], "rb").read()
+    final = str(tmp_path / "dt=2026-11-22" / "a.parquet")
+    done = finalize_shards([(parts, final)])[0]
+    assert done.rows.counts == {"ok": 2, "error:decode": 1}
+    with open(parts[1], "wb") as handle:  # the earlier attempt died after deleting the first part only
+        handle.write(kept)
+    again = finalize_shards([(parts, final)])[0]
+    assert again == done
+    assert not any(map(os.path.exists, parts))
+    assert finalize_shards([(parts, final)])[0] == done  # and after it deleted them all
+    assert pq.read_table(final).column("id").to_pylist() == ["a.tar#0", "a.tar#1", "a.tar#2"]
