@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -109,12 +110,11 @@ def test_a_retried_finalize_reads_back_the_file_an_earlier_attempt_finished(tmp_
     first = writer(_batch(["a.tar", "a.tar"], ["ok", "error"]))
     second = writer(_batch(["a.tar"], ["ok"], first_key=2))
     parts = [str(first["uri"][0]), str(second["uri"][0])]
-    kept = open(parts[1], "rb").read()
+    kept = Path(parts[1]).read_bytes()
     final = str(tmp_path / "dt=2026-11-22" / "a.parquet")
     done = finalize_shards([(parts, final)])[0]
     assert done.rows.counts == {"ok": 2, "error:decode": 1}
-    with open(parts[1], "wb") as handle:  # the earlier attempt died after deleting the first part only
-        handle.write(kept)
+    Path(parts[1]).write_bytes(kept)  # the earlier attempt died after deleting the first part only
     again = finalize_shards([(parts, final)])[0]
     assert again == done
     assert not any(map(os.path.exists, parts))
