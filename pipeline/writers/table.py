@@ -300,7 +300,8 @@ class OutputTable(OutputSnapshot):
             app_transactions=[Transaction(WRITER, self._epoch), mark],
         )
         added = sum(isinstance(action, AddAction) for action in actions)
-        self._files += 2 * added - len(actions)
+        removed = len(actions) - added
+        self._files += added - removed
         self._added_since_checkpoint += added
         checkpoint = self._checkpoint_due()
         base = self._table.version()
