@@ -297,10 +297,28 @@ def _optional(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def marginal_driver_bytes(results: list[ScaleResult]) -> list[float | None]:
+    """Per run, the driver's peak growth per shard added since the next smaller run on the same
+    storage (``None`` for the smallest): what a shard costs once the run's fixed costs (Ray Data's
+    executor, the table's runtime, imports made on first use) are paid, which the peak per shard
+    spreads over the shards of one run."""
+    marginal: list[float | None] = []
+    for r in results:
+        smaller = [o for o in results if o.storage == r.storage and o.shards < r.shards]
+        if not smaller:
+            marginal.append(None)
+            continue
+        o = max(smaller, key=lambda run: run.shards)
+        grown = r.driver_bytes_per_shard * r.shards - o.driver_bytes_per_shard * o.shards
+        marginal.append(grown / (r.shards - o.shards))
+    return marginal
+
+
 def to_markdown(results: list[ScaleResult]) -> str:
     """One table row per run."""
     header = ["storage", "shards", "plan s", "run s", "shards/s", "commits", "commit capacity (shards/s)"]
-    header += ["driver peak per shard", "S3 requests per shard", "no-op refresh s", "no-op requests (listing pages)"]
+    header += ["driver peak per shard", "driver per added shard", "S3 requests per shard"]
+    header += ["no-op refresh s", "no-op requests (listing pages)"]
     rows = [
         [
             r.storage,
@@ -311,11 +329,12 @@ def to_markdown(results: list[ScaleResult]) -> str:
             str(r.commits),
             f"{r.commit_capacity:.0f}",
             f"{r.driver_bytes_per_shard / 1024:.2f} KiB",
+            "" if added is None else f"{added / 1024:.2f} KiB",
             _optional(r.requests_per_shard, ".1f"),
             f"{r.noop_seconds:.1f}",
             "" if r.noop_requests is None else f"{r.noop_requests} ({r.listing_pages})",
         ]
-        for r in results
+        for r, added in zip(results, marginal_driver_bytes(results), strict=True)
     ]
     return _table(header, rows)
 
@@ -376,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n\n".join([to_markdown(results), noop_markdown(refreshes), commits_markdown(rates)])
     args.out.mkdir(parents=True, exist_ok=True)
     figures = {
-        "runs": [asdict(r) for r in results],
+        "runs": [
+            {**asdict(r), "driver_bytes_per_added_shard": added}
+            for r, added in zip(results, marginal_driver_bytes(results), strict=True)
+        ],
         "noop_refreshes": [asdict(r) for r in refreshes],
         "commits": [asdict(r) for r in rates],
     }

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from pipeline.bench.scale import main
+from pipeline.bench.scale import ScaleResult, main, marginal_driver_bytes
 
 
 @pytest.mark.bench
@@ -30,3 +30,13 @@ def test_scale_bench_commits_every_shard_and_a_noop_refresh_costs_its_listing(tm
     assert {(rate["storage"], rate["batch"]) for rate in figures["commits"]} == {
         (storage, batch) for storage in ("local", "s3") for batch in (1, 10)
     }
+
+
+def test_the_driver_cost_of_an_added_shard_is_the_slope_between_runs_on_the_same_storage():
+    def run(storage: str, shards: int, per_shard: float) -> ScaleResult:
+        return ScaleResult(storage, shards, 0, 1, 1, 0, 1, 1, per_shard, None, 0, None, 1)
+
+    runs = [run("local", 1000, 100_000), run("s3", 1000, 90_000), run("local", 10_000, 12_000)]
+    runs.append(run("local", 100_000, 3_000))
+    # local: 100 MB at 10^3, 120 MB at 10^4 (20 MB for 9,000 shards), 300 MB at 10^5 (180 MB for 90,000)
+    assert marginal_driver_bytes(runs) == [None, None, 20_000_000 / 9_000, 180_000_000 / 90_000]
