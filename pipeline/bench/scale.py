@@ -3,7 +3,8 @@
 N tiny shards (one 8×8 image each) go through the real pipeline on a local Ray, with a model stage
 that does nothing, so what is measured is what grows with the number of shards: planning, the
 stream's bookkeeping, finalize tasks, commits to the table's log, the driver's memory and the
-storage requests. Each run happens in a fresh process (its peak RSS is the driver's alone), on
+storage requests. Each run happens in a fresh process (its peak RSS is the driver's alone; the
+table's writer, an actor, reports its own), on
 local files and on a moto S3 server that counts every request it answers (``s3count``), and is
 followed by a refresh with nothing new, which must cost what the input listing costs plus a few
 requests, whatever the table's history.
@@ -60,6 +61,7 @@ class ScaleResult:
     noop_seconds: float
     noop_requests: int | None
     listing_pages: int
+    writer_peak_bytes: int | None = None  # peak RSS of the table's writer (an actor), whole process
 
 
 @dataclass
@@ -72,6 +74,7 @@ class NoopRefresh:
     requests: int | None
     listing_pages: int
     driver_bytes_per_shard: float
+    writer_peak_bytes: int | None = None
 
 
 @dataclass
@@ -166,6 +169,7 @@ def noop_at_scale(shards: int, storage: str, workdir: Path) -> NoopRefresh:
             requests=server.total() if server else None,
             listing_pages=-(-shards // LIST_PAGE),
             driver_bytes_per_shard=round(refresh["peak_growth_bytes"] / shards, 1),
+            writer_peak_bytes=summary["commits"]["writer"]["peak_bytes"],
         )
 
 
@@ -227,6 +231,7 @@ def _child(shards: int, storage: str, source: str, output: str, server) -> Scale
         noop_seconds=noop["summary"]["wall_seconds"],
         noop_requests=noop_requests,
         listing_pages=-(-shards // LIST_PAGE),
+        writer_peak_bytes=summary["commits"]["writer"]["peak_bytes"],
     )
 
 
@@ -257,6 +262,7 @@ def child_main(source: str, output: str, command: str) -> dict[str, Any]:
     import ray
 
     from pipeline.core.config import load_config
+    from pipeline.runner.cluster import limit_malloc_arenas
     from pipeline.runner.job import RunMode, build_stages, run_batch_job
     from pipeline.stages.decode import DecodeStage
 
@@ -274,8 +280,9 @@ def child_main(source: str, output: str, command: str) -> dict[str, Any]:
     stages = build_stages(config)
     stages.models = [NullStage()]
     stages.decode = DecodeStage(max_side=16)
-    if command == "run":  # before the baseline: Ray's own driver memory is not per shard
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # Before the baseline: Ray's own driver memory is not per shard. As ``init_ray`` would, first.
+    limit_malloc_arenas()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
     baseline = _rss("VmRSS")
     started = time.perf_counter()
@@ -295,6 +302,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _optional(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
+
+
+def _mib(value: int | None) -> str:
+    return "" if value is None else f"{value / 2**20:.0f} MiB"
 
 
 def marginal_driver_bytes(results: list[ScaleResult]) -> list[float | None]:
@@ -318,7 +329,7 @@ def to_markdown(results: list[ScaleResult]) -> str:
     """One table row per run."""
     header = ["storage", "shards", "plan s", "run s", "shards/s", "commits", "commit capacity (shards/s)"]
     header += ["driver peak per shard", "driver per added shard", "S3 requests per shard"]
-    header += ["no-op refresh s", "no-op requests (listing pages)"]
+    header += ["no-op refresh s", "no-op requests (listing pages)", "table writer peak"]
     rows = [
         [
             r.storage,
@@ -333,6 +344,7 @@ def to_markdown(results: list[ScaleResult]) -> str:
             _optional(r.requests_per_shard, ".1f"),
             f"{r.noop_seconds:.1f}",
             "" if r.noop_requests is None else f"{r.noop_requests} ({r.listing_pages})",
+            _mib(r.writer_peak_bytes),
         ]
         for r, added in zip(results, marginal_driver_bytes(results), strict=True)
     ]
@@ -349,10 +361,11 @@ def noop_markdown(refreshes: list[NoopRefresh]) -> str:
             _optional(r.requests, "d"),
             str(r.listing_pages),
             f"{r.driver_bytes_per_shard / 1024:.2f} KiB",
+            _mib(r.writer_peak_bytes),
         ]
         for r in refreshes
     ]
-    return _table([*header, "driver peak per shard"], rows)
+    return _table([*header, "driver peak per shard", "table writer peak"], rows)
 
 
 def commits_markdown(rates: list[CommitRate]) -> str:

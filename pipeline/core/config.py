@@ -146,7 +146,8 @@ class EncodeConfig:
 
 @dataclass
 class WriteConfig:
-    """Parquet layout, and how long replaced files outlive the commit that replaced them.
+    """Parquet layout, how long replaced files outlive the commit that replaced them, and what the
+    table's writer reserves.
 
     ``vacuum_grace_seconds``: a table-aware query that planned on an older snapshot may still read a
     replaced shard's old file; it is deleted this long after the last commit that removed files (the
@@ -158,6 +159,9 @@ class WriteConfig:
     batch_rows: int = 256
     commit_interval_seconds: float = 2.0  # shards whose files are written are committed together at most this often
     vacuum_grace_seconds: float = 60.0  # replaced files are deleted this long after the commit that replaced them
+    # The table's writer, an actor on a worker (on one machine, beside the driver, reserving nothing):
+    table_num_cpus: float = 1.0
+    table_memory_gb: float = 4.0  # its peak is ~4 KiB per file of the table: 4 GB holds ~10^6 files; 0 reserves none
 
 
 @dataclass

@@ -20,10 +20,11 @@ import ray
 from pipeline.core import storage
 from pipeline.core.config import JobConfig
 from pipeline.readers.plan import Shard
+from pipeline.runner.output import RunOutput
 from pipeline.writers.ledger import FinalizeRequest, ShardLedger, ShardRows, StagedPart
 from pipeline.writers.lock import OutputLockedError
 from pipeline.writers.parquet import FinalizedShard, finalize_memory, finalize_shards
-from pipeline.writers.table import OutputTable, ShardCommit
+from pipeline.writers.table import ShardCommit
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Committer:
     the run: nothing is committed after it, and the stream loop raises at its next part.
     """
 
-    def __init__(self, ledger: ShardLedger, config: JobConfig, shards: dict[str, Shard], table: OutputTable) -> None:
+    def __init__(self, ledger: ShardLedger, config: JobConfig, shards: dict[str, Shard], table: RunOutput) -> None:
         self.ledger = ledger
         self._config = config
         self._shards = shards

@@ -21,11 +21,11 @@ from pipeline.readers.plan import Shard
 from pipeline.runner.cluster import ClusterInfo, resolve_accelerator, wait_for_gpus
 from pipeline.runner.commits import Committer
 from pipeline.runner.datasource import ShardDatasource
+from pipeline.runner.output import RunOutput
 from pipeline.runner.pools import ActorStage, Pool, TaskStage, cpu_threads, fit_local_pools, plan_pools
 from pipeline.stages.base import Stage
 from pipeline.writers.ledger import ShardLedger, StagedPart
 from pipeline.writers.parquet import StagedPartWriter
-from pipeline.writers.table import OutputTable
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def run_stages(
     config: JobConfig,
     shards: list[Shard],
     stages: PipelineStages,
-    table: OutputTable,
+    table: RunOutput,
     processed_at: datetime,
     cluster: ClusterInfo,
 ) -> ShardLedger:

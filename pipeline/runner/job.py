@@ -21,6 +21,7 @@ from pipeline.readers.columns import image_shards
 from pipeline.readers.plan import InputPlan, Shard, plan_input
 from pipeline.runner.cluster import init_ray, refuse_local_paths
 from pipeline.runner.execute import PipelineStages, run_stages
+from pipeline.runner.output import RunOutput
 from pipeline.stages.caption import CaptionStage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
@@ -28,7 +29,7 @@ from pipeline.stages.score import ClipScoreStage
 from pipeline.stages.tune import TuneStage
 from pipeline.writers.layout import check_run_id
 from pipeline.writers.ledger import ShardLedger
-from pipeline.writers.table import OutputSnapshot, OutputTable
+from pipeline.writers.table import OutputSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +107,14 @@ class RunMode:
 
 
 def select_shards(
-    plan: InputPlan, output: OutputSnapshot | None, mode: RunMode, read: ReadConfig
+    plan: InputPlan, output: OutputSnapshot | RunOutput | None, mode: RunMode, read: ReadConfig
 ) -> tuple[list[Shard], int]:
     """The shards to process, and how many were skipped as done: unchanged (same path, size, ETag or
     mtime) and read to the end last time (not ``partial``); ``output`` is ``None`` before the first
     run. Parquet files among them without the image column are left out here, from their footers
     (``image_shards``)."""
-    changed = [shard for shard in plan.shards if mode.full or output is None or not output.is_done(shard)]
+    done = [False] * len(plan.shards) if mode.full or output is None else output.done(plan.shards)
+    changed = [shard for shard, is_done in zip(plan.shards, done, strict=True) if not is_done]
     unchanged = len(plan.shards) - len(changed)
     return image_shards(changed, read, mode.limit, unchanged > 0, plan.skipped), unchanged
 
@@ -141,13 +143,12 @@ def run_batch_job(
         return RunReport(_summary(config, run_id, started, clock, plan, todo, skipped, None, mode), None)
     refuse_local_paths({"input": config.input, "output": config.output}, config.runner.address)
     runner, day = config.runner, f"{started:%Y-%m-%d}"
-    grace = config.write.vacuum_grace_seconds
-    with OutputTable.open(config.output, run_id, day, runner.lock_ttl_seconds, grace) as table:
+    cluster = init_ray(runner.address)
+    with RunOutput.open(config, run_id, day, cluster) as table:
         todo, skipped = select_shards(plan, table, mode, config.read)
         logger.info("run %s: %d of %d shards to process, %d unchanged", run_id, len(todo), len(shards), skipped)
         outcome = ShardLedger([])
         if todo:
-            cluster = init_ray(runner.address)
             outcome = run_stages(config, todo, stages or build_stages(config), table, started, cluster)
         retired = table.retire_superseded(shards)
         summary = _summary(config, run_id, started, clock, plan, todo, skipped, outcome, mode, retired)
@@ -193,7 +194,7 @@ def _summary(
         "shards_unchanged": skipped,
         "shards_planned": len(todo),
         "planned": [shard.shard_id for shard in todo] if mode.dry_run else None,
-        "shards_committed": len(outcome.committed),
+        "shards_committed": outcome.committed,
         "shards_partial": outcome.partial,
         "shards_retired": list(retired),
         "shards_failed": outcome.failed,

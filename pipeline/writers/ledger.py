@@ -130,7 +130,7 @@ class ShardLedger:
 
     def __init__(self, shard_ids: list[str]) -> None:
         self._open: dict[str, _OpenShard | None] = dict.fromkeys(shard_ids)  # made at a shard's first part
-        self.committed: list[str] = []
+        self.committed = 0  # shards committed: a count, so a committed shard leaves nothing behind
         self.partial: list[str] = []
         self.failed: dict[str, str] = {}
         self.stats = RunStats()
@@ -196,7 +196,7 @@ class ShardLedger:
 
     def committed_shard(self, request: FinalizeRequest, rows: ShardRows) -> None:
         """The shard is in the output: add its rows to the run's totals; nothing of it is kept."""
-        self.committed.append(request.shard_id)
+        self.committed += 1
         if rows.unread:
             self.partial.append(request.shard_id)
         self.stats.add_rows(rows.counts, {c: list(ids) for c, ids in request.models.items()}, request.records)

@@ -144,6 +144,10 @@ class OutputSnapshot:
         same_input = len(files) == 1 and files[0].fingerprint == shard.fingerprint[:FINGERPRINT_CHARS]
         return same_input and not files[0].partial
 
+    def done(self, shards: list[Shard]) -> list[bool]:
+        """``is_done`` of each shard (one call for a plan)."""
+        return [self.is_done(shard) for shard in shards]
+
     def files(self) -> list[CommittedFile]:
         """Every data file of the snapshot, with its size and rows (read from the log's file list)."""
         files = []
@@ -215,8 +219,7 @@ class OutputTable(OutputSnapshot):
 
     @property
     def staging(self) -> str:
-        """This run's staging folder (its parts, and the marker that says the run has not ended)."""
-        return storage.join(self.output, STAGING_DIR, self.run_id)
+        return staging_uri(self.output, self.run_id)
 
     def data_path(self, shard: Shard, partial: bool) -> str:
         """Where this run writes ``shard``'s file (relative to the output); new for every run."""
@@ -251,8 +254,10 @@ class OutputTable(OutputSnapshot):
             self._transact(actions, {"operation": "retire shards", "files": len(files)})
             self._removed_at = time.monotonic()
 
-    def retire_superseded(self, shards: list[Shard]) -> list[str]:
+    def retire_superseded(self, planned: set[str], groups: list[Shard]) -> list[str]:
         """Retire plain-file groups the plan no longer has, once their files are committed elsewhere.
+
+        ``planned``: the output names of every planned shard; ``groups``: the planned plain-file groups.
 
         A directory that gains or loses a file at a group boundary regroups (``plan.group_files``);
         the old group's rows would otherwise stay beside the new groups' rows for the same files. An
@@ -261,10 +266,9 @@ class OutputTable(OutputSnapshot):
         group that is committed with its current input. One whose files are all gone stays, like any
         shard whose input was deleted. Returns the retired shard ids.
         """
-        planned = {shard.output_name for shard in shards}
         listed: dict[str, list[tuple[str, Shard]]] = defaultdict(list)  # directory → (file name, its group)
-        for shard in shards:
-            if shard.kind == "files" and (group := file_group(shard.shard_id)):
+        for shard in groups:
+            if group := file_group(shard.shard_id):
                 listed[group[0]] += [(member_name(member), shard) for member in shard.members]
         retired: dict[str, str] = {}
         for name, (shard_id, last_key) in self._state.groups.items():
@@ -277,12 +281,6 @@ class OutputTable(OutputSnapshot):
                 retired[name] = shard_id
         self.retire(retired)
         return sorted(retired.values())
-
-    def write_summary(self, summary: dict[str, Any]) -> str:
-        """The run summary, ``_imagetune/runs/<run id>.json``; returns its URI."""
-        uri = storage.join(self.output, RUNS_DIR, f"{self.run_id}.json")
-        storage.write_json(uri, summary)
-        return uri
 
     def _transact(self, actions: list[AddAction | RemoveAction], info: dict[str, Any]) -> None:
         """One commit, fenced by this run's epoch and marked with this run's commit number.
@@ -401,11 +399,6 @@ class OutputTable(OutputSnapshot):
             # Its commits may have replaced files it never vacuumed: this run vacuums them when it ends.
             self._removed_at = time.monotonic()
 
-    def discard(self, paths: Iterable[str]) -> None:
-        """Delete data files this run wrote but will not commit (a shard that failed after its finalize)."""
-        for path in paths:
-            storage.remove(storage.join(self.output, path), missing_ok=True)
-
     def _checkpoint(self) -> None:
         """Leave the log cheap to open for the next run: a checkpoint of this run's state, and the log
         entries older than the table's retention (30 days) cleaned up."""
@@ -426,6 +419,18 @@ class OutputTable(OutputSnapshot):
         time.sleep(max(0.0, self._removed_at + grace_seconds - time.monotonic()))
         removed = self._table.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
         logger.info("vacuum: deleted %d replaced or retired files", len(removed))
+
+
+def write_summary(output: str, run_id: str, summary: dict[str, Any]) -> str:
+    """A run's summary, ``_imagetune/runs/<run id>.json``; returns its URI."""
+    uri = storage.join(output, RUNS_DIR, f"{run_id}.json")
+    storage.write_json(uri, summary)
+    return uri
+
+
+def staging_uri(output: str, run_id: str) -> str:
+    """A run's staging folder (its parts, and the marker that says the run has not ended)."""
+    return storage.join(output, STAGING_DIR, run_id)
 
 
 def _uncommitted(output: str, day: str, run_id: str, named: set[str]) -> list[str]:

@@ -22,6 +22,7 @@ CLUSTER_SETTINGS = [
     "runner.accelerator=gpu",
     "runner.cuda_required=false",
     "runner.model_memory_gb=0",
+    "write.table_memory_gb=0",
     "read.batch_rows=2",
 ]
 # Ray Data's own coordination actors live beside the driver by design; they carry no data.
@@ -72,6 +73,8 @@ def test_a_run_submitted_to_a_cluster_scaled_to_zero_grows_it_and_keeps_the_head
     models = [a for a in actors if "ActorStage" in a.class_name]
     assert models and all(a.required_resources.get("GPU", 0) > 0 for a in models)
     assert {a.node_id for a in models} <= gpu_nodes
+    (writer,) = [a for a in actors if a.class_name == "TableActor"]
+    assert writer.required_resources.get("CPU", 0) > 0 and writer.node_id not in head, "the head holds no table"
     on_head = [t.name for t in tasks if t.node_id in head and t.type != "DRIVER_TASK"]
     on_head = [name for name in on_head if not name.startswith(RAY_DATA_COORDINATION)]
     assert on_head == [], f"work placed on the 0-CPU head: {sorted(set(on_head))}"

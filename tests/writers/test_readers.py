@@ -14,7 +14,7 @@ import pytest
 from pipeline.writers.table import OutputTable
 from tests.conftest import output_sql
 from tests.venvs import run_python, tool_python
-from tests.writers.test_table import DAY, files_group, tar, write_shard
+from tests.writers.test_table import DAY, files_group, retire_superseded, tar, write_shard
 
 ROWS = sorted([*(f"a.tar#{k}" for k in ("0", "1")), "b.tar#0", *(f"pics/@files-0.jpg#{n}" for n in ("0.jpg", "a.jpg"))])
 
@@ -29,7 +29,7 @@ def output(tmp_path) -> str:
     with OutputTable.open(out, "second", "2026-11-23") as table:
         table.commit([write_shard(table, tar("a", "v2"), ["0", "1"])])
         table.commit([write_shard(table, files_group("0.jpg", ["0.jpg", "a.jpg"]), ["0.jpg", "a.jpg"])])
-        assert table.retire_superseded([tar("a", "v2"), tar("b"), files_group("0.jpg", ["0.jpg", "a.jpg"])])
+        assert retire_superseded(table, [tar("a", "v2"), tar("b"), files_group("0.jpg", ["0.jpg", "a.jpg"])])
     return out
 
 
