@@ -173,8 +173,8 @@ class Committer:
                 for request, _ in batch:
                     self.ledger.fail(request, "commit", error)
             self._table.discard(commit.path for _, commit in batch)
-            if isinstance(error, OutputLockedError):
-                raise  # the run must stop: another run may own the output now
+            if isinstance(error, OutputLockedError | ray.exceptions.RayActorError):
+                raise  # the run must stop: another run may own the output now, or its writer is gone
             return
         with self._lock:
             for request, commit in batch:

@@ -21,10 +21,10 @@ class Committed:
     """The part of an output's snapshot ``select_shards`` asks: which shards are done."""
 
     def __init__(self, shards) -> None:
-        self.done = {shard.shard_id for shard in shards}
+        self.ids = {shard.shard_id for shard in shards}
 
-    def is_done(self, shard) -> bool:
-        return shard.shard_id in self.done
+    def done(self, shards) -> list[bool]:
+        return [shard.shard_id in self.ids for shard in shards]
 
 
 def _select(plan, read: ReadConfig, committed=None, mode=None):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from pipeline.core.config import load_config
 from pipeline.runner.job import RunMode, run_batch_job
@@ -113,3 +114,37 @@ def test_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_cluster
     assert result["shards_committed"] == 6 and result["shards_failed"] == {}
     assert _counts(output) == (records, records)
     assert not (output / STAGING_DIR).exists() or not any((output / STAGING_DIR).iterdir())
+
+
+@pytest.mark.slow
+def test_the_table_writer_killed_mid_run_stops_the_run_and_a_rerun_leaves_each_record_once(
+    ray_cluster, photos, tmp_path
+):
+    records = _dataset(photos, tmp_path / "input", shards=6, per_shard=4)
+    output = tmp_path / "output"
+    sets = [*FAST, "read.batch_rows=1", "runner.model_batch_rows=1", "write.batch_rows=1"]
+    config = load_config(None, sets, input=str(tmp_path / "input"), output=str(output))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_batch_job(config)
+        except Exception as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    _wait_for(lambda: _committed(output) > 0)
+    found = subprocess.run(["pgrep", "-f", r"ray::TableActor"], capture_output=True, text=True)
+    pids = [int(pid) for pid in found.stdout.split()]
+    assert len(pids) == 1, "one table writer per run"
+    os.kill(pids[0], signal.SIGKILL)
+    committed_at_kill = _committed(output)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and committed_at_kill < 6, "the kill must land mid-run"
+    assert len(errors) == 1 and isinstance(errors[0], ray.exceptions.RayActorError), errors
+    assert (output / LEASE_FILE).exists(), "the writer held the lease when it died"
+
+    summary = run_batch_job(config, mode=RunMode(full=False)).summary
+    assert summary["shards_unchanged"] + summary["shards_committed"] == 6 and summary["shards_failed"] == {}
+    assert _counts(output) == (records, records)
