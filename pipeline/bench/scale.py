@@ -262,7 +262,6 @@ def child_main(source: str, output: str, command: str) -> dict[str, Any]:
     import ray
 
     from pipeline.core.config import load_config
-    from pipeline.runner.cluster import limit_malloc_arenas
     from pipeline.runner.job import RunMode, build_stages, run_batch_job
     from pipeline.stages.decode import DecodeStage
 
@@ -280,8 +279,7 @@ def child_main(source: str, output: str, command: str) -> dict[str, Any]:
     stages = build_stages(config)
     stages.models = [NullStage()]
     stages.decode = DecodeStage(max_side=16)
-    # Before the baseline: Ray's own driver memory is not per shard. As ``init_ray`` would, first.
-    limit_malloc_arenas()
+    # Before the baseline: Ray's own driver memory is not per shard.
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
     baseline = _rss("VmRSS")

@@ -8,7 +8,6 @@ runner decides here is only what a pool asks for (GPU or CPU actors) and whether
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import time
@@ -22,9 +21,7 @@ from pipeline.core.config import RunnerConfig
 
 logger = logging.getLogger(__name__)
 
-SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
-DRIVER_MALLOC_ARENAS = 2  # set by Ray in the driver of a `ray job submit`
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit`
 Accelerator = Literal["gpu", "cpu"]
 
 
@@ -49,26 +46,9 @@ def init_ray(address: str | None) -> ClusterInfo:
     ``imagetune submit`` fills with the same settings); Ray refuses a second one that overlaps it.
     """
     if not ray.is_initialized():
-        limit_malloc_arenas()
         env_vars = {} if SUBMITTED_JOB_ENV in os.environ else storage.worker_env()
         ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
     return ClusterInfo(local=not on_cluster(address), resources=ray.cluster_resources())
-
-
-def limit_malloc_arenas(arenas: int = DRIVER_MALLOC_ARENAS) -> None:
-    """Cap glibc's malloc arenas in this process (the driver) before Ray starts its threads.
-
-    glibc gives threads that allocate at once arenas of their own, up to 8 per core, and each arena
-    keeps its freed pages: the driver's Ray threads spread a run's small native allocations over
-    them, and its memory grew with every shard streamed. Two arenas cut that growth by a quarter to
-    a third at 10^4 shards (README, "At scale"). Only the driver: workers' model threads would
-    contend for them. Arenas made before the call stay; a libc without ``mallopt`` is left as it is.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):
-        return
 
 
 def on_cluster(address: str | None) -> bool:
