@@ -201,7 +201,7 @@ def _finalized(table: OutputTable, shard: Shard) -> ShardCommit:
     """What the committer hands the table for a shard of one ok row."""
     bounds = {"source_shard": shard.shard_id, "source_key": "0"}
     stats = {"numRecords": 1, "minValues": bounds, "maxValues": bounds, "nullCount": dict.fromkeys(bounds, 0)}
-    return ShardCommit(shard, table.data_path(shard, False), 4096, json.dumps(stats), ShardRows({"ok": 1}, {}))
+    return ShardCommit(table.data_path(shard, False), 4096, json.dumps(stats), ShardRows({"ok": 1}, {}))
 
 
 def _child(shards: int, storage: str, source: str, output: str, server) -> ScaleResult:

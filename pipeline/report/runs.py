@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.core import storage
-from pipeline.writers.layout import RUNS_DIR
+from pipeline.writers.layout import RUNS_DIR, summary_uri
 
 _MODIFIED_KEYS = ("LastModified", "last_modified", "mtime", "created")
 
@@ -45,4 +45,4 @@ def load_run(output: str, run_id: str | None = None) -> tuple[dict[str, Any], li
     if chosen not in runs:
         known = ", ".join(runs[-5:])
         raise FileNotFoundError(f"no run {chosen!r} under {storage.redact_uri(output)} (latest runs: {known})")
-    return storage.read_json(storage.join(output, RUNS_DIR, f"{chosen}.json")), runs
+    return storage.read_json(summary_uri(output, chosen)), runs

@@ -183,8 +183,7 @@ class Committer:
 
     def _shard_commit(self, request: FinalizeRequest, written: FinalizedShard) -> ShardCommit:
         rows = ShardRows(written.rows.counts, request.models, written.rows.unread)
-        shard = self._shards[request.shard_id]
-        return ShardCommit(shard, self._path(request), written.bytes, written.stats, rows)
+        return ShardCommit(self._path(request), written.bytes, written.stats, rows)
 
 
 def next_batch(waiting: deque[FinalizeRequest], max_shards: int, max_staged_bytes: float) -> list[FinalizeRequest]:

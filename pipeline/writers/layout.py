@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pipeline.core import storage
+
 DATA_DIR = "data"
 META_DIR = "_imagetune"
 RUNS_DIR = f"{META_DIR}/runs"
@@ -72,6 +74,11 @@ def data_file(name: str, day: str, fingerprint: str, run_id: str, partial: bool)
     """The path of a shard's data file relative to the output."""
     suffix = ".partial" if partial else ""
     return f"{DATA_DIR}/{PARTITION}={day}/{name}.{fingerprint[:FINGERPRINT_CHARS]}.{run_id}{suffix}.parquet"
+
+
+def summary_uri(output: str, run_id: str) -> str:
+    """Where a run's summary goes: ``_imagetune/runs/<run id>.json``."""
+    return storage.join(output, RUNS_DIR, f"{run_id}.json")
 
 
 def parse_data_file(path: str, size: int, rows: int, stats: dict[str, str | None]) -> CommittedFile:

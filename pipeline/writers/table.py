@@ -32,13 +32,13 @@ from pipeline.writers.layout import (
     FINGERPRINT_CHARS,
     PARTITION,
     RUN_MARKER,
-    RUNS_DIR,
     STAGING_DIR,
     STATS_COLUMNS,
     CommittedFile,
     check_run_id,
     data_file,
     parse_data_file,
+    summary_uri,
 )
 from pipeline.writers.ledger import ShardRows
 from pipeline.writers.lock import OutputLock, OutputLockedError
@@ -69,9 +69,9 @@ TABLE_CONFIGURATION = {
 
 @dataclass(frozen=True)
 class ShardCommit:
-    """A finalized shard ready to be committed: its data file (relative to the output) and its rows."""
+    """A finalized shard ready to be committed: its data file (relative to the output, naming the
+    shard) and its rows."""
 
-    shard: Shard
     path: str
     bytes: int
     stats: str  # Delta statistics JSON, built by the worker from the rows it wrote
@@ -232,7 +232,7 @@ class OutputTable(OutputSnapshot):
         actions: list[AddAction | RemoveAction] = []
         replaced: list[CommittedFile] = []
         for item in batch:
-            for old in self.committed(item.shard):
+            for old in self._state.get(parse_data_file(item.path, 0, 0, {}).name):
                 actions.append(RemoveAction(old.path, True, now, None, {PARTITION: old.day}))
                 replaced.append(old)
             day = item.path.split("/")[1].split("=", 1)[1]
@@ -362,7 +362,7 @@ class OutputTable(OutputSnapshot):
         """A run id names data files: reusing one could write over a committed file."""
         endings = (f".{self.run_id}.parquet", f".{self.run_id}.partial.parquet")
         committed = sum(path.endswith(endings) for path in self._state.paths())
-        summary = storage.join(self.output, RUNS_DIR, f"{self.run_id}.json")
+        summary = summary_uri(self.output, self.run_id)
         fs, path = storage.filesystem(summary)
         if committed or fs.exists(path):
             where = f"{committed} committed files name it" if committed else f"{storage.redact_uri(summary)} exists"
@@ -422,8 +422,8 @@ class OutputTable(OutputSnapshot):
 
 
 def write_summary(output: str, run_id: str, summary: dict[str, Any]) -> str:
-    """A run's summary, ``_imagetune/runs/<run id>.json``; returns its URI."""
-    uri = storage.join(output, RUNS_DIR, f"{run_id}.json")
+    """A run's summary; returns its URI."""
+    uri = summary_uri(output, run_id)
     storage.write_json(uri, summary)
     return uri
 

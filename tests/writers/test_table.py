@@ -60,7 +60,7 @@ def write_batch(table: OutputTable, shard: Shard, batch: dict, partial: bool = F
     parts = StagedPartWriter(table.staging, table.run_id, NOW)(batch)["uri"]
     path = table.data_path(shard, partial)
     written = finalize_shard([str(p) for p in parts], storage.join(table.output, path))
-    return ShardCommit(shard, path, written.bytes, written.stats, ShardRows(written.rows.counts, {}))
+    return ShardCommit(path, written.bytes, written.stats, ShardRows(written.rows.counts, {}))
 
 
 def glob_ids(output: str) -> list[str]:
