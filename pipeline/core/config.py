@@ -161,7 +161,7 @@ class WriteConfig:
     vacuum_grace_seconds: float = 60.0  # replaced files are deleted this long after the commit that replaced them
     # The table's writer, an actor on a worker (on one machine, beside the driver, reserving nothing):
     table_num_cpus: float = 1.0
-    table_memory_gb: float = 4.0  # its peak is ~4 KiB per file of the table: 4 GB holds ~10^6 files; 0 reserves none
+    table_memory_gb: float = 4.0  # grows with the table's files (README, "At scale"); 0 reserves none
 
 
 @dataclass

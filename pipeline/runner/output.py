@@ -1,12 +1,11 @@
 """The output's table, written by an actor on a worker: a run's driver holds no state per table file.
 
-A Delta writer holds its snapshot, every file of the table, in memory. Measured with deltalake
-1.6 at 10^5 files: ~1.3 KiB per file read from the log, ~4 KiB per file that the run's own commits
-added, and ~1.5 KiB per file more while a checkpoint is written. That grows with the table, and a
-submitted job's driver runs on the head, which carries no data. So one actor per run opens the
-table (taking the output's lease and cleaning up after killed runs), answers which planned shards
-are done, commits what the driver's ``Committer`` sends it, retires superseded groups and closes
-the table. The driver keeps only its plan and ledger.
+A Delta writer holds its snapshot, every file of the table, in memory (a KiB or more per file,
+more for files its own commits added and while it writes a checkpoint: README, "At scale"). That
+grows with the table, and a submitted job's driver runs on the head, which carries no data. So one
+actor per run opens the table (taking the output's lease and cleaning up after killed runs),
+answers which planned shards are done, commits what the driver's ``Committer`` sends it, retires
+superseded groups and closes the table. The driver keeps only its plan and ledger.
 
 On a cluster the actor reserves ``write.table_num_cpus`` and ``write.table_memory_gb`` (a head
 without CPUs never takes it); on one machine it reserves nothing, as the driver did. Each method of
