@@ -3,11 +3,13 @@
 Ray Data asks the datasource for read tasks and runs them like any task (1 CPU each), so reading
 never happens on the driver or a 0-CPU head, and the driver holds no block per shard: at 10^6
 shards a read task per shard (``from_items``) would put a million objects in the head's store.
+Read tasks are sized by the bytes they read, not by a count of shards: Ray Data keeps every read
+task (and its stats) in the driver for the whole run, so tiny shards share a task, while large
+ones keep a task each and with it their parallelism.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 
@@ -21,9 +23,12 @@ from pipeline.readers.plan import Shard
 from pipeline.readers.shards import read_shard
 from pipeline.stages.base import SECONDS_PREFIX
 
-# At most this many shards per read task: a task reads its shards one after another, so fewer,
-# longer tasks would cost parallelism at the start and a longer tail, and a lost node more work.
-MAX_SHARDS_PER_READ_TASK = 8
+# A read task reads its shards one after another: up to this many input bytes, so that a task of
+# large shards stays short (parallelism at the start, the tail, the work a lost node redoes) ...
+READ_TASK_BYTES = 512 * 2**20
+# ... and up to this many shards, however small: the driver's cost per read task is what tiny
+# shards share (README, "At scale": 8 shards a task cost the driver ~0.5 KiB more per shard).
+MAX_SHARDS_PER_READ_TASK = 64
 
 
 class ShardDatasource(Datasource):
@@ -43,13 +48,10 @@ class ShardDatasource(Datasource):
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
     ) -> list[ReadTask]:
-        """``parallelism`` tasks or more: one shard each while there are few, up to
-        ``MAX_SHARDS_PER_READ_TASK`` each when there are many."""
-        shards = self._shards
-        per_task = max(1, min(MAX_SHARDS_PER_READ_TASK, math.ceil(len(shards) / max(parallelism, 1))))
+        """At least ``parallelism`` tasks while there are as many shards, each of consecutive shards
+        within ``READ_TASK_BYTES`` (a larger shard alone) and ``MAX_SHARDS_PER_READ_TASK``."""
         tasks = []
-        for start in range(0, len(shards), per_task):
-            chunk = shards[start : start + per_task]
+        for chunk in read_task_chunks(self._shards, parallelism):
             size = sum(member.size for shard in chunk for member in shard.members)
             metadata = BlockMetadata(num_rows=None, size_bytes=size, input_files=None, exec_stats=None)
             tasks.append(
@@ -60,6 +62,31 @@ class ShardDatasource(Datasource):
                 )
             )
         return tasks
+
+
+def read_task_chunks(
+    shards: list[Shard],
+    parallelism: int,
+    max_bytes: int = READ_TASK_BYTES,
+    max_shards: int = MAX_SHARDS_PER_READ_TASK,
+) -> list[list[Shard]]:
+    """Consecutive shards grouped for read tasks: a group ends before it would pass ``max_bytes``,
+    ``max_shards`` or ``len(shards) // parallelism`` shards, so there are never fewer groups than
+    ``parallelism`` while there are that many shards."""
+    most = max(1, min(max_shards, len(shards) // max(parallelism, 1)))
+    chunks: list[list[Shard]] = []
+    chunk: list[Shard] = []
+    size = 0
+    for shard in shards:
+        shard_size = sum(member.size for member in shard.members)
+        if chunk and (len(chunk) == most or size + shard_size > max_bytes):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(shard)
+        size += shard_size
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def _read_shards(shards: list[Shard], config: ReadConfig) -> Iterator[Block]:
