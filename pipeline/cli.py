@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from pipeline.core.allocator import use_ray_jemalloc
 from pipeline.writers.lock import OutputLockedError
 
 COMMANDS = {
@@ -24,6 +25,8 @@ COMMANDS = {
     "train-aligner": ("jobs.train_aligner", "tune CLIP's text tower to an output's images: --input OUT --output MODEL"),
     "eval-aligner": ("jobs.eval_aligner", "cross-validate an aligner's recipe: --model MODEL --input OUT [--folds 5]"),
 }
+# The commands whose process is a pipeline's driver: they run on Ray's jemalloc (core/allocator.py).
+DRIVERS = frozenset({"run", "refresh", "demo"})
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -41,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(argv[0], importlib.import_module(COMMANDS[argv[0]][0]).main, argv[1:])
 
 
+def console() -> NoReturn:
+    """The ``imagetune`` console script: ``main`` in a process of its own, a driver on Ray's jemalloc."""
+    if sys.argv[1:2] and sys.argv[1] in DRIVERS:
+        use_ray_jemalloc()
+    sys.exit(main())
+
+
 def run_command(name: str, job_main: Callable[[list[str]], int], argv: list[str]) -> int:
     """A job's exit code: its own, or 2 with one line (no traceback) for a problem of the whole run
     (bad config, missing model or input, refused storage, a locked output)."""
@@ -53,9 +63,11 @@ def run_command(name: str, job_main: Callable[[list[str]], int], argv: list[str]
 
 def entrypoint(name: str, job_main: Callable[[list[str]], int]) -> NoReturn:
     """``python -m jobs.<job>`` (what ``ray job submit`` runs): the console script's logs and exit codes."""
+    if name in DRIVERS:
+        use_ray_jemalloc()
     configure_logging()
     sys.exit(run_command(name, job_main, sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

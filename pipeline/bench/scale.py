@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import boto3
 
 from pipeline.bench.s3count import CountingS3, counting_moto
+from pipeline.core.allocator import use_ray_jemalloc
 from pipeline.core.batch import Batch
 from pipeline.readers.plan import Shard, ShardMember, plan_shards
 from pipeline.stages.base import Stage
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out") / "scale")
     args = parser.parse_args(argv)
     if args.child:
+        use_ray_jemalloc()  # a driver's allocator, as in `imagetune run` (pipeline/core/allocator.py)
         logging.basicConfig(level=logging.WARNING)
         print(json.dumps(child_main(*args.child), default=str))
         return 0
