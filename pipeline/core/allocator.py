@@ -4,8 +4,9 @@ A pipeline's driver runs Ray Data's executor and the run's bookkeeping for the w
 glibc its heap fragments: half of what it grows is free but held. With jemalloc the scale benchmark's
 driver grows 1.96 KiB per shard added instead of 2.42 and finishes 35% sooner (README, "At scale").
 ``LD_PRELOAD`` takes effect only when a process starts, and under ``ray job submit`` the driver is
-started by the job's supervisor, a worker whose environment the raylet strips of it; so a driver
-re-executes itself under it, once, before it does anything else.
+started by the job's supervisor, a worker, which Ray starts without it (``RAY_LD_PRELOAD_ON_WORKERS``);
+so a driver re-executes itself under it, once, before it does anything else. A local Ray that the
+driver starts inherits it, workers included.
 """
 
 from __future__ import annotations
