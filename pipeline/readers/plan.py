@@ -52,6 +52,11 @@ class Shard:
         return self.members[0].uri if self.kind != "files" else self.members[0].uri.rsplit("/", 1)[0]
 
     @property
+    def size(self) -> int:
+        """The bytes its members hold in the input."""
+        return sum(member.size for member in self.members)
+
+    @property
     def fingerprint(self) -> str:
         """Digest of every member's uri, size and version: equal fingerprints mean unchanged input."""
         digest = hashlib.sha256()

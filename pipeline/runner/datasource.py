@@ -43,7 +43,7 @@ class ShardDatasource(Datasource):
         return "ReadShards"
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(member.size for shard in self._shards for member in shard.members)
+        return sum(shard.size for shard in self._shards)
 
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
@@ -52,7 +52,7 @@ class ShardDatasource(Datasource):
         within ``READ_TASK_BYTES`` (a larger shard alone) and ``MAX_SHARDS_PER_READ_TASK``."""
         tasks = []
         for chunk in read_task_chunks(self._shards, parallelism):
-            size = sum(member.size for shard in chunk for member in shard.members)
+            size = sum(shard.size for shard in chunk)
             metadata = BlockMetadata(num_rows=None, size_bytes=size, input_files=None, exec_stats=None)
             tasks.append(
                 ReadTask(
@@ -78,12 +78,11 @@ def read_task_chunks(
     chunk: list[Shard] = []
     size = 0
     for shard in shards:
-        shard_size = sum(member.size for member in shard.members)
-        if chunk and (len(chunk) == most or size + shard_size > max_bytes):
+        if chunk and (len(chunk) == most or size + shard.size > max_bytes):
             chunks.append(chunk)
             chunk, size = [], 0
         chunk.append(shard)
-        size += shard_size
+        size += shard.size
     if chunk:
         chunks.append(chunk)
     return chunks

@@ -29,7 +29,7 @@ def test_large_shards_keep_a_read_task_each():
     planned = shards(*[300 * MiB] * 6, 900 * MiB, 100 * MiB, 100 * MiB)
     chunks = read_task_chunks(planned, parallelism=2)
     assert [len(chunk) for chunk in chunks] == [1, 1, 1, 1, 1, 1, 1, 2]
-    assert all(sum(s.members[0].size for s in chunk) <= READ_TASK_BYTES for chunk in chunks if len(chunk) > 1)
+    assert all(sum(shard.size for shard in chunk) <= READ_TASK_BYTES for chunk in chunks if len(chunk) > 1)
 
 
 @pytest.mark.parametrize(("count", "parallelism"), [(9, 4), (10, 4), (200, 200), (1000, 199), (3, 8)])
