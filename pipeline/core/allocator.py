@@ -2,7 +2,8 @@
 
 A pipeline's driver runs Ray Data's executor and the run's bookkeeping for the whole run, and under
 glibc its heap fragments: half of what it grows is free but held. With jemalloc the scale benchmark's
-driver grows 1.96 KiB per shard added instead of 2.42 and finishes 35% sooner (README, "At scale").
+driver grows 1.82 KiB per shard added instead of 2.42, peaks at 2.10 KiB per shard at 10^5 instead
+of 2.68, and its runs are a quarter to a half shorter (README, "At scale").
 ``LD_PRELOAD`` takes effect only when a process starts, and under ``ray job submit`` the driver is
 started by the job's supervisor, a worker, which Ray starts without it (``RAY_LD_PRELOAD_ON_WORKERS``);
 so a driver re-executes itself under it, once, before it does anything else. A local Ray that the
