@@ -11,8 +11,11 @@ import fnmatch
 import hashlib
 import logging
 import re
+from array import array
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
+from itertools import accumulate
 from typing import Any, Literal
 
 from pipeline.core import storage
@@ -119,11 +122,15 @@ def plan_input(
     fs, root, listing = _list(input_uri)
     shards: list[Shard] = []
     image_files: dict[str, list[ShardMember]] = defaultdict(list)
-    sidecars = {path.rsplit(".", 1)[0]: path for path in listing if path.lower().endswith(".txt")}
-    images = {path.rsplit(".", 1)[0] for path in listing if _extension(path) in IMAGE_EXTENSIONS}
+    sidecars = {
+        path.rsplit(".", 1)[0]: (path, f"{size}:{version}")
+        for path, size, version in listing
+        if path.lower().endswith(".txt")
+    }
+    images = {path.rsplit(".", 1)[0] for path, _, _ in listing if _extension(path) in IMAGE_EXTENSIONS}
     hidden = excluded = 0
     unrecognised: Counter[str] = Counter()
-    for path, (size, version) in sorted(listing.items()):
+    for path, size, version in listing:
         relative = path[len(root) :].lstrip("/") if path.startswith(root) else path
         *directories, name = relative.split("/")
         extension = _extension(name)
@@ -143,8 +150,7 @@ def plan_input(
             shards.append(Shard(relative, "parquet", (member,)))
         elif extension in IMAGE_EXTENSIONS:
             if stem in sidecars:
-                caption = sidecars[stem]
-                caption_version = "{}:{}".format(*listing[caption])
+                caption, caption_version = sidecars[stem]
                 member = replace(member, caption_uri=storage.protocol_uri(fs, caption), caption_version=caption_version)
             image_files[relative.rpartition("/")[0]].append(member)
         else:
@@ -162,12 +168,8 @@ def plan_input(
     return InputPlan(sorted(shards, key=lambda s: s.shard_id), skipped)
 
 
-def _list(input_uri: str) -> tuple[Any, str, dict[str, tuple[int, str]]]:
-    """The filesystem, the root, and every file under it as ``path → (size, version)``.
-
-    The listing's own entries (a dict of a dozen fields per object) are dropped one by one as they
-    are read: the shards, which planning keeps, then reuse that memory instead of adding to it.
-    """
+def _list(input_uri: str) -> tuple[Any, str, Listing]:
+    """The filesystem, the root, and every file under it (``Listing``)."""
     fs, root = storage.filesystem(input_uri)
     with storage.errors_naming(input_uri, "list input"):
         if fs.isfile(root):
@@ -175,11 +177,36 @@ def _list(input_uri: str) -> tuple[Any, str, dict[str, tuple[int, str]]]:
             root = fs._parent(root)
         else:
             found = fs.find(root, withdirs=False, detail=True)
-    listing = {}
-    while found:
-        path, info = found.popitem()
-        listing[path] = (int(info.get("size") or 0), _version(info))
-    return fs, root, listing
+    return fs, root, Listing(found)
+
+
+class Listing:
+    """Every file of a listing as ``(path, size, version)``, in path order, held in a few flat buffers.
+
+    fsspec's listing is a dict of a dozen fields per object (~0.7 KiB). Records made while it is
+    alive land among its objects, and once it is freed they keep its allocator pages resident and
+    half empty for the whole run: a plan of 3·10^4 tar shards kept 0.94 KiB of driver RSS per shard
+    that way, 0.55 KiB once the listing was copied out first. So it is copied into two strings and
+    two arrays and freed before any record is made; iterating makes each path afresh and drops it.
+    """
+
+    def __init__(self, found: dict[str, dict[str, Any]]) -> None:
+        paths = sorted(found)
+        versions = [_version(found[path]) for path in paths]
+        self._sizes = array("q", (int(found[path].get("size") or 0) for path in paths))
+        self._paths, self._path_ends = "".join(paths), array("q", accumulate(map(len, paths)))
+        self._versions, self._version_ends = "".join(versions), array("q", accumulate(map(len, versions)))
+
+    def __iter__(self) -> Iterator[tuple[str, int, str]]:
+        paths = _slices(self._paths, self._path_ends)
+        return zip(paths, self._sizes, _slices(self._versions, self._version_ends), strict=True)
+
+
+def _slices(joined: str, ends: array) -> Iterator[str]:
+    start = 0
+    for end in ends:
+        yield joined[start:end]
+        start = end
 
 
 def _extension(name: str) -> str:

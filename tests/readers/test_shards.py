@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.config import ReadConfig
-from pipeline.readers.plan import Shard, ShardMember, _starts_group, group_files, plan_shards
+from pipeline.readers.plan import Listing, Shard, ShardMember, _starts_group, group_files, plan_shards
 from pipeline.readers.shards import read_shard
 from pipeline.sample import write_webdataset
 
@@ -47,6 +47,24 @@ def test_plan_groups_tar_parquet_and_files_into_shards(tmp_path, photos):
     assert captions.pop(f"{photos[0].key}.png").endswith(f"/files/{photos[0].key}.txt")
     assert set(captions.values()) == {""}
     assert len({s.output_name for s in shards}) == len(shards)
+
+
+def test_listing_yields_every_file_in_path_order_with_its_size_and_version():
+    """The flat listing gives back exactly what fsspec listed: odd names (an undecodable local name,
+    non-ASCII, an empty version, a missing size) and all."""
+    found = {
+        "b/caf\u00e9.jpg": {"size": 3, "mtime": 1.5},
+        "a/\udcff.tar": {"size": 2**40, "ETag": '"0f"'},
+        "a/x.txt": {"size": None},
+        "a/": {"size": 0, "type": "file"},
+    }
+    assert list(Listing(found)) == [
+        ("a/", 0, ""),
+        ("a/x.txt", 0, ""),
+        ("a/\udcff.tar", 2**40, "0f"),
+        ("b/caf\u00e9.jpg", 3, "1.5"),
+    ]
+    assert list(Listing({})) == []
 
 
 def test_webdataset_records_keep_keys_captions_and_count_on_last_batch(tmp_path, photos):
