@@ -19,7 +19,6 @@ import ray
 
 from pipeline.core import storage
 from pipeline.core.config import JobConfig
-from pipeline.readers.plan import Shard
 from pipeline.runner.output import RunOutput
 from pipeline.writers.ledger import FinalizeRequest, ShardLedger, ShardRows, StagedPart
 from pipeline.writers.lock import OutputLockedError
@@ -38,10 +37,9 @@ class Committer:
     the run: nothing is committed after it, and the stream loop raises at its next part.
     """
 
-    def __init__(self, ledger: ShardLedger, config: JobConfig, shards: dict[str, Shard], table: RunOutput) -> None:
+    def __init__(self, ledger: ShardLedger, config: JobConfig, table: RunOutput) -> None:
         self.ledger = ledger
         self._config = config
-        self._shards = shards
         self._table = table
         self._lock = threading.Lock()
         self._requests: queue.Queue = queue.Queue()
@@ -152,7 +150,7 @@ class Committer:
     def _path(self, request: FinalizeRequest) -> str:
         """A shard's data file, named by shard, input and run: a failed finalize can never overwrite the
         file a commit names (the output refuses a run id it has seen)."""
-        return self._table.data_path(self._shards[request.shard_id], request.partial)
+        return self._table.data_path(request.shard, request.partial)
 
     def _commit_batch(self, finished: list[tuple[FinalizeRequest, object]]) -> None:
         batch: list[tuple[FinalizeRequest, ShardCommit]] = []

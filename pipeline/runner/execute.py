@@ -64,8 +64,7 @@ def run_stages(
         wait_for_gpus(largest, config.runner.gpu_wait_seconds)
     logger.info("model actors on %s: %s", accelerator.upper(), ", ".join(_describe(pool) for pool in pools))
     dataset = _build_dataset(config, shards, stages, pools, table.staging, table.run_id, processed_at)
-    ledger = ShardLedger([shard.shard_id for shard in shards])
-    committer = Committer(ledger, config, {shard.shard_id: shard for shard in shards}, table)
+    committer = Committer(ShardLedger(shards), config, table)
     try:
         for row in dataset.iter_rows():
             committer.add_part(StagedPart.from_row(row))
@@ -74,7 +73,7 @@ def run_stages(
         committer.close(raise_errors=False)  # keep the shards that were already complete
         raise
     committer.close()
-    return ledger
+    return committer.ledger
 
 
 def _describe(pool: Pool) -> str:

@@ -4,7 +4,8 @@ Pure bookkeeping, no Ray and no storage: the runner feeds it the metadata of eac
 the result of each finalize, and it says which shards to finalize and what to commit. Memory is
 bounded per shard: an open shard holds a bitmap of the record ordinals seen and its part URIs; a
 shard that started finalizing holds only its counts; a committed shard only adds to the totals; a
-shard none of whose parts has come yet holds nothing but its id.
+shard none of whose parts has come yet holds nothing but its planned record, which the ledger's one
+index of the run's shards keeps (the committer names each shard's file from it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.core.stats import RunStats
+from pipeline.readers.plan import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +70,16 @@ class StagedPart:
 class FinalizeRequest:
     """A complete shard: its staged parts, to be written as one file, and what they add up to."""
 
-    shard_id: str
+    shard: Shard
     parts: tuple[str, ...]
     records: int
     staged_bytes: int
     models: dict[str, tuple[str, ...]]
     partial: bool
+
+    @property
+    def shard_id(self) -> str:
+        return self.shard.shard_id
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class _Bitmap:
 
 @dataclass(slots=True)
 class _OpenShard:
+    shard: Shard
     parts: list[str] = field(default_factory=list)
     seen: _Bitmap = field(default_factory=_Bitmap)
     total: int = -1
@@ -128,8 +135,9 @@ class ShardLedger:
     run's accounting cannot balance over a lost record.
     """
 
-    def __init__(self, shard_ids: list[str]) -> None:
-        self._open: dict[str, _OpenShard | None] = dict.fromkeys(shard_ids)  # made at a shard's first part
+    def __init__(self, shards: list[Shard]) -> None:
+        # A shard's planned record until its first part opens it; gone once it is complete.
+        self._open: dict[str, Shard | _OpenShard] = {shard.shard_id: shard for shard in shards}
         self.committed = 0  # shards committed: a count, so a committed shard leaves nothing behind
         self.partial: list[str] = []
         self.failed: dict[str, str] = {}
@@ -147,8 +155,8 @@ class ShardLedger:
             logger.warning("shard %s: ignoring part %s, staged after the shard was complete", part.shard_id, part.uri)
             return None
         state = self._open[part.shard_id]
-        if state is None:
-            state = self._open[part.shard_id] = _OpenShard()
+        if isinstance(state, Shard):
+            state = self._open[part.shard_id] = _OpenShard(state)
         state.parts.append(part.uri)
         for ordinal in part.ordinals:
             state.seen.add(ordinal)
@@ -166,7 +174,7 @@ class ShardLedger:
         """Every part has arrived: finalize the shards that read no record; fail those left incomplete."""
         requests = []
         for shard_id, state in list(self._open.items()):
-            if state is None:
+            if isinstance(state, Shard):
                 requests.append(self._close(shard_id))  # zero records: committed as an empty file
                 continue
             seen = f"{state.seen.count} of {state.total if state.total >= 0 else 'an unknown number of'}"
@@ -175,10 +183,12 @@ class ShardLedger:
         return requests
 
     def _close(self, shard_id: str) -> FinalizeRequest:
-        state = self._open.pop(shard_id) or _OpenShard()
+        state = self._open.pop(shard_id)
+        if isinstance(state, Shard):
+            state = _OpenShard(state)
         models = {column: tuple(sorted(ids)) for column, ids in state.models.items()}
         parts = tuple(state.parts)
-        return FinalizeRequest(shard_id, parts, max(state.total, 0), state.staged_bytes, models, state.unread > 0)
+        return FinalizeRequest(state.shard, parts, max(state.total, 0), state.staged_bytes, models, state.unread > 0)
 
     def check_rows(self, request: FinalizeRequest, rows: ShardRows) -> bool:
         """Whether a finalized shard's rows account for its records; if not, it fails and is not committed."""

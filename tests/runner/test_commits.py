@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from collections import deque
 
+from pipeline.readers.plan import Shard, ShardMember
 from pipeline.runner.commits import next_batch
 from pipeline.writers.ledger import FinalizeRequest
 
 MB = 2**20
 
 
+def _shard(shard_id: str) -> Shard:
+    return Shard(shard_id, "tar", (ShardMember(f"s3://in/{shard_id}", 1, "v"),))
+
+
 def _waiting(*staged_mb: float) -> deque[FinalizeRequest]:
     return deque(
-        FinalizeRequest(f"{i}.tar", (f"part-{i}",), 10, int(mb * MB), {}, False) for i, mb in enumerate(staged_mb)
+        FinalizeRequest(_shard(f"{i}.tar"), (f"part-{i}",), 10, int(mb * MB), {}, False)
+        for i, mb in enumerate(staged_mb)
     )
 
 

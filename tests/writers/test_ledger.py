@@ -7,7 +7,7 @@ import numpy as np
 from pipeline.core.batch import object_column
 from pipeline.core.config import ReadConfig
 from pipeline.readers import tars
-from pipeline.readers.plan import plan_shards
+from pipeline.readers.plan import Shard, ShardMember, plan_shards
 from pipeline.readers.shards import read_shard
 from pipeline.readers.tars import RecordFields
 from pipeline.writers.ledger import ShardLedger, ShardRows, StagedPart
@@ -21,6 +21,10 @@ def _parts(tmp_path, batch) -> list[StagedPart]:
     return [StagedPart.from_row({name: meta[name][i] for name in meta}) for i in range(len(meta["shard_id"]))]
 
 
+def _ledger(*shard_ids: str) -> ShardLedger:
+    return ShardLedger([Shard(i, "tar", (ShardMember(f"s3://in/{i}", 1, "v"),)) for i in shard_ids])
+
+
 def _part(shard_id: str, ordinals: list[int], total: int = -1, uri: str = "", unread: int = 0) -> StagedPart:
     return StagedPart(
         shard_id, uri or f"{shard_id}/{ordinals}", tuple(ordinals), total, unread, 100, {"decode": 1.0}, {}
@@ -28,7 +32,7 @@ def _part(shard_id: str, ordinals: list[int], total: int = -1, uri: str = "", un
 
 
 def test_a_shard_whose_rows_do_not_account_for_its_records_is_not_committed(tmp_path):
-    ledger = ShardLedger(["a.tar"])
+    ledger = _ledger("a.tar")
     # Two records whose ids collide (a bug this check exists for): the finalize keeps one row.
     first, second = _batch(["a.tar"], ["ok"]), _batch(["a.tar"], ["ok"], first_key=1)
     first["_shard_total"], second["_shard_total"] = np.array([-1]), np.array([2])
@@ -45,7 +49,7 @@ def test_a_shard_whose_rows_do_not_account_for_its_records_is_not_committed(tmp_
 
 
 def test_a_balanced_shard_is_committed_and_counted_by_outcome(tmp_path):
-    ledger = ShardLedger(["a.tar"])
+    ledger = _ledger("a.tar")
     (part,) = _parts(tmp_path, _batch(["a.tar", "a.tar", "a.tar"], ["ok", "error", "ok"]))
     request = ledger.add_part(part)
     assert request is not None and request.records == 3
@@ -59,7 +63,7 @@ def test_a_balanced_shard_is_committed_and_counted_by_outcome(tmp_path):
 
 
 def test_a_part_staged_again_after_its_shard_completed_is_not_finalized_twice():
-    ledger = ShardLedger(["a.tar"])
+    ledger = _ledger("a.tar")
     request = ledger.add_part(_part("a.tar", [0, 1], total=2))
     assert request is not None
     assert ledger.add_part(_part("a.tar", [0, 1], total=2, uri="a.tar/retry")) is None  # a re-executed task's copy
@@ -70,7 +74,7 @@ def test_a_part_staged_again_after_its_shard_completed_is_not_finalized_twice():
 
 
 def test_repeated_ordinals_count_once_and_a_shard_completes_only_with_every_ordinal():
-    ledger = ShardLedger(["a.tar"])
+    ledger = _ledger("a.tar")
     assert ledger.add_part(_part("a.tar", [0, 1])) is None
     assert ledger.add_part(_part("a.tar", [1, 2], total=4)) is None  # ordinal 1 again: a repeated row
     request = ledger.add_part(_part("a.tar", [3]))
@@ -78,7 +82,7 @@ def test_repeated_ordinals_count_once_and_a_shard_completes_only_with_every_ordi
 
 
 def test_at_the_end_of_the_stream_empty_shards_are_finalized_and_incomplete_ones_fail():
-    ledger = ShardLedger(["empty.tar", "short.tar", "unknown.tar"])
+    ledger = _ledger("empty.tar", "short.tar", "unknown.tar")
     ledger.add_part(_part("short.tar", [0, 1], total=3))
     ledger.add_part(_part("unknown.tar", [0]))
     (request,) = ledger.end_of_stream()
@@ -91,7 +95,7 @@ def test_at_the_end_of_the_stream_empty_shards_are_finalized_and_incomplete_ones
 
 
 def test_a_failed_finalize_or_commit_counts_its_records_as_unwritten():
-    ledger = ShardLedger(["a.tar", "b.tar"])
+    ledger = _ledger("a.tar", "b.tar")
     a = ledger.add_part(_part("a.tar", [0], total=1))
     b = ledger.add_part(_part("b.tar", [0, 1], total=2))
     ledger.fail(a, "finalize", OSError("503 SlowDown"))
@@ -101,7 +105,7 @@ def test_a_failed_finalize_or_commit_counts_its_records_as_unwritten():
 
 
 def test_a_partial_shard_is_known_before_its_finalize_and_listed_as_partial():
-    ledger = ShardLedger(["a.tar", "b.tar"])
+    ledger = _ledger("a.tar", "b.tar")
     assert not ledger.add_part(_part("b.tar", [0], total=1)).partial
     assert ledger.add_part(_part("a.tar", [0])) is None
     request = ledger.add_part(_part("a.tar", [1], total=2, unread=1))
@@ -119,7 +123,7 @@ def test_a_tar_the_reader_groups_wrongly_is_never_committed_and_the_run_is_not_b
     (read,) = read_shard(shard, ReadConfig())
     batch = _batch(["a.tar"] * len(read["id"]), ["ok"] * len(read["id"]))
     batch["_ordinal"], batch["_shard_total"] = read["_ordinal"], read["_shard_total"]
-    ledger = ShardLedger(["a.tar"])
+    ledger = _ledger("a.tar")
     assert [ledger.add_part(part) for part in _parts(tmp_path, batch)] == [None]
     assert ledger.end_of_stream() == []
     assert ledger.failed == {"a.tar": "incomplete: 1 of 3 records reached the writer"}
