@@ -68,6 +68,10 @@ class OptimConfig:
     NAFNet's) weighs a patch's error on a log scale, so the near-perfect patches (clean, lightly
     compressed) pull hardest and the net is drawn to the identity exactly where JPEG artifacts
     are subtle; pooled ``l2`` lets the most degraded patches outweigh the rest.
+
+    ``precision="auto"`` runs the forward pass under bf16 autocast where the hardware computes in
+    bf16 natively (CUDA; CPUs with AMX or AVX512-BF16), fp32 elsewhere, where bf16 is emulated and
+    slower than fp32; weights, optimiser state and the loss stay fp32 either way.
     """
 
     steps: int = 200_000
@@ -82,6 +86,7 @@ class OptimConfig:
     loss: Literal["l1", "l2", "charbonnier", "psnr"] = "l1"
     grad_clip: float = 1.0
     loader_workers: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass

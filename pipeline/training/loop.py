@@ -122,7 +122,8 @@ def training_step(
 ) -> float:
     """One optimiser step on a (degraded, clean, conditions) batch from ``PatchStream``; returns the loss."""
     degraded, clean, values = batch
-    with torch.autocast(degraded.device.type, dtype=torch.bfloat16, enabled=degraded.device.type == "cuda"):
+    degraded = degraded.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(degraded.device.type, dtype=torch.bfloat16, enabled=bf16(degraded.device, optim.precision)):
         output = model(degraded, values if conditioned else None)
     loss = restoration_loss(output.float(), clean, optim.loss)
     optimizer.zero_grad(set_to_none=True)
@@ -132,16 +133,28 @@ def training_step(
     return loss.item()
 
 
-def describe_device(device: torch.device) -> str:
-    """The hardware in words, for the model card: GPU name, or CPU model, cores and torch threads."""
+def bf16(device: torch.device, precision: str) -> bool:
+    """Whether the forward pass runs under bf16 autocast: ``precision="auto"`` where ``device``
+    computes bf16 natively (any CUDA device this code trains on; a CPU with AMX or AVX512-BF16)."""
+    if precision != "auto":
+        return precision == "bf16"
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return True
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def describe_device(device: torch.device, precision: str = "fp32") -> str:
+    """The hardware in words, for the model card: GPU name, or CPU model, cores and torch threads,
+    and the forward pass's arithmetic when ``precision`` asks for bf16 where it is native."""
+    arithmetic = ", bf16 autocast" if bf16(device, precision) else ""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) + arithmetic
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         lines = cpuinfo.read_text().splitlines()
         cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{arithmetic}"
 
 
 def train_loop(loop_config: dict) -> None:
@@ -155,7 +168,8 @@ def train_loop(loop_config: dict) -> None:
     train_images, val_images = _load_images(loop_config, config.val_crop)
     # On the device before the optimiser restores its state: load_state_dict puts the moments
     # where the parameters are then, and AdamW refuses moments on another device than its weights.
-    model = RestorationNet(config.arch).to(device)
+    # Channels-last: oneDNN's and cuDNN's fast convolutions take NHWC (the tuner infers in it too).
+    model = RestorationNet(config.arch).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     state = _restore(model, optimizer, loop_config.get("init_weights"))
     state.segments.append([state.step, state.step])
@@ -258,7 +272,7 @@ def _report(
         "step": state.step,
         "wall_seconds": state.seconds,
         "loss": float(np.mean(losses[-100:] or [0.0])),
-        "device": describe_device(next(model.parameters()).device),
+        "device": describe_device(next(model.parameters()).device, config.optim.precision),
     }
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
