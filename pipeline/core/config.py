@@ -68,9 +68,10 @@ class TuneConfig:
     batch_size: int = 8
     memory_fraction: float = 0.25  # of the device's free memory (the host's available memory on a CPU)
     skip: bool = True  # images with nothing to restore pass through unchanged, without a network pass
-    skip_quality: int = 90  # JPEG (effective) quality from which there is nothing to deblock
-    skip_sigma: float = 2.0  # estimated noise below which there is nothing to denoise
-    deblock_max_scale: float = 3.0  # a JPEG shrunk more than this to the working size is not deblocked
+    # Measured with `eval-tuner --thresholds` for the default tuner (README, "Skipping").
+    skip_quality: int = 50  # JPEG (effective) quality from which there is nothing to deblock
+    skip_sigma: float = 3.0  # estimated noise below which there is nothing to denoise
+    deblock_max_scale: float = 1.5  # a JPEG shrunk more than this to the working size is not deblocked
 
     def validate(self) -> None:
         """Refuse tiling and skipping settings that cannot work, naming the setting."""
