@@ -11,8 +11,9 @@ writes it as JSON and Markdown; --write-card also records it in the model's card
 from __future__ import annotations
 
 import argparse
+import typing
 
-from pipeline.core.config import CHECKPOINT_CACHE, RANDOM
+from pipeline.core.config import CHECKPOINT_CACHE, RANDOM, Precision, TuneConfig
 from pipeline.stages.tune import load_tuner_model
 from pipeline.training.card import add_evaluation, describe_architecture
 from pipeline.training.data import read_image_set
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bench-side", type=int, default=1024, help="throughput image side; 0 skips the bench")
     parser.add_argument("--out", default="tuner-eval", help="writes OUT.json and OUT.md (local path or URI)")
+    parser.add_argument(
+        "--precision",
+        choices=typing.get_args(Precision),
+        default=TuneConfig().precision,
+        help="the model's arithmetic, as tune.precision (auto: bf16 where the hardware computes it natively)",
+    )
     parser.add_argument("--dataset", help="name of the image set in the table (default: last part of --images)")
     parser.add_argument("--write-card", action="store_true", help="record the table in the model's card")
     parser.add_argument(
@@ -46,18 +53,28 @@ def main(argv: list[str] | None = None) -> int:
     model, model_id = load_tuner_model(args.model, CHECKPOINT_CACHE)
     images = read_image_set(args.images, args.max_images, args.max_side)
     dataset = args.dataset or args.images.rstrip("/").rsplit("/", 1)[-1]
-    table = evaluate(model, images, args.sigma, args.jpeg, baselines=not args.no_baselines, seed=args.seed)
+    table = evaluate(
+        model, images, args.sigma, args.jpeg, baselines=not args.no_baselines, seed=args.seed, precision=args.precision
+    )
     result = {"dataset": dataset, "model": model_id, **table}
     if args.bench_side:
-        result["throughput"] = measure_throughput(model, side=args.bench_side)
-    markdown = format_markdown(table, f"{dataset}, {len(images)} images, {model_id} (PSNR dB / SSIM)")
+        result["throughput"] = measure_throughput(model, side=args.bench_side, precision=args.precision)
+    markdown = format_markdown(
+        table, f"{dataset}, {len(images)} images, {model_id}, {table['arithmetic']} (PSNR dB / SSIM)"
+    )
     if "throughput" in result:
         bench = result["throughput"]
         markdown += (
             f"\nCPU throughput ({bench['threads']} threads, {bench['shape'][1]}×{bench['shape'][0]}): tune stage "
             f"{bench['megapixels_per_second']:.3f} MP/s, one whole-image pass "
             f"{bench['whole_image_megapixels_per_second']:.3f} MP/s, fixed 512-px tiles "
-            f"{bench['tiles_512_megapixels_per_second']:.3f} MP/s\n"
+            f"{bench['tiles_512_megapixels_per_second']:.3f} MP/s ({bench['arithmetic']})"
+            + (
+                f"; the tune stage in fp32 {bench['fp32_megapixels_per_second']:.3f} MP/s"
+                if "fp32_megapixels_per_second" in bench
+                else ""
+            )
+            + "\n"
         )
     architecture = describe_architecture(model)
     result["architecture"] = architecture
@@ -65,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nModel: {architecture['parameters']:,} parameters, {architecture['gmac_per_megapixel']:.1f} GMAC/MP\n"
     )
     if args.thresholds:
-        result["thresholds"] = measure_thresholds(model, [pixels for _, pixels in images])
+        result["thresholds"] = measure_thresholds(model, [pixels for _, pixels in images], precision=args.precision)
         markdown += format_thresholds(result["thresholds"])
     print(markdown)
     save_table(args.out, result, markdown)

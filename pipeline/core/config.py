@@ -52,6 +52,10 @@ class DecodeConfig:
     num_cpus: float = 1.0
 
 
+# The arithmetic of a forward pass (pipeline.models.precision says what "auto" picks where).
+Precision = Literal["auto", "fp32", "bf16"]
+
+
 @dataclass
 class TuneConfig:
     """The restoration CNN. ``model`` is a checkpoint path/URI, ``default`` or ``random``.
@@ -72,6 +76,7 @@ class TuneConfig:
     skip_quality: int = 50  # JPEG (effective) quality from which there is nothing to deblock
     skip_sigma: float = 2.9  # estimated noise below which there is nothing to denoise
     deblock_max_scale: float = 2.0  # a JPEG shrunk more than this to the working size is not deblocked
+    precision: Precision = "auto"  # auto: bf16 autocast where the CPU or GPU computes bf16 natively, else fp32
 
     def validate(self) -> None:
         """Refuse tiling and skipping settings that cannot work, naming the setting."""

@@ -23,7 +23,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.core.config import Precision
 from pipeline.models.checkpoints import CheckpointError, file_digest, load_state_dict
+from pipeline.models.precision import autocast
 from pipeline.models.staging import HostStaging
 from pipeline.models.tuner_arch import TunerArch, UNetBody, plain_body
 
@@ -162,6 +164,7 @@ def restore_images(
     staging: HostStaging | None = None,
     conditions: list[np.ndarray] | None = None,
     max_pixels: int | None = None,
+    precision: Precision = "auto",
 ) -> list[np.ndarray]:
     """Apply ``model`` to uint8 HxWx3 images of any sizes; returns uint8 images of the same sizes.
 
@@ -171,7 +174,8 @@ def restore_images(
     ``batch_size`` at a time and ``max_pixels`` in all; they reach the device through ``staging``
     (an actor keeps one; by default a new one). A conditioned model takes each image's
     ``conditions`` vector with every tile of that image. Tile size and overlap are rounded as
-    ``tile_geometry`` says, so tiled output equals untiled output.
+    ``tile_geometry`` says, so tiled output equals untiled output. ``precision`` is the forward
+    pass's arithmetic (``pipeline.models.precision``).
     """
     factor = model.arch.multiple
     if tile_size is None and not max_pixels:
@@ -195,7 +199,7 @@ def restore_images(
             chunk = tiles[start : start + per_batch]
             crops = [padded[t.image][t.y : t.y + tile_h, t.x : t.x + tile_w] for t in chunk]
             values = None if conditions is None else np.stack([conditions[t.image] for t in chunk])
-            result = _run_tiles(model, staging.to_device(crops), values, device)
+            result = _run_tiles(model, staging.to_device(crops), values, device, precision)
             for tile, pixels in zip(chunk, result, strict=True):
                 y0, y1, x0, x1 = tile.keep
                 outputs[tile.image][y0:y1, x0:x1] = pixels[y0 - tile.y : y1 - tile.y, x0 - tile.x : x1 - tile.x]
@@ -203,12 +207,16 @@ def restore_images(
 
 
 def _run_tiles(
-    model: RestorationNet, tiles: torch.Tensor, conditions: np.ndarray | None, device: torch.device
+    model: RestorationNet,
+    tiles: torch.Tensor,
+    conditions: np.ndarray | None,
+    device: torch.device,
+    precision: Precision,
 ) -> np.ndarray:
     """N×H×W×3 uint8 tiles on the device → the model's N×H×W×3 uint8 output on the host."""
     inputs = tiles.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
     values = None if conditions is None else torch.from_numpy(conditions).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device, precision):
         result = model(inputs, values)
     result = result.float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
     return result.permute(0, 2, 3, 1).cpu().numpy()

@@ -23,6 +23,7 @@ from pipeline.core.config import CHECKPOINT_CACHE, RANDOM, TuneConfig
 from pipeline.models.assess import condition_vector, effective_quality
 from pipeline.models.checkpoints import fetch_checkpoint
 from pipeline.models.openclip import select_device
+from pipeline.models.precision import arithmetic
 from pipeline.models.staging import HostStaging
 from pipeline.models.tuner import (
     DEFAULT,
@@ -111,7 +112,13 @@ class TuneStage(Stage):
             except ValueError as error:
                 raise ValueError(f"tune.tile_size={config.tile_size} does not fit this model: {error}") from None
         self._max_pixels = pixels_in_memory(network.arch, config.memory_fraction * memory_at_hand(self._device))
-        logger.info("tuner %s: up to %.1f MP per pass (%s)", self._model_id, self._max_pixels / 1e6, self._device)
+        logger.info(
+            "tuner %s: up to %.1f MP per pass (%s, %s)",
+            self._model_id,
+            self._max_pixels / 1e6,
+            self._device,
+            arithmetic(self._device, config.precision),
+        )
         self._network = network.to(self._device)
         self._staging = HostStaging(self._device)
 
@@ -133,6 +140,7 @@ class TuneStage(Stage):
             self._staging,
             conditions,
             self._max_pixels,
+            self.config.precision,
         )
         for i, pixels in zip(chosen, restored, strict=True):
             images[i] = pixels

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.core.config import build_config
+from pipeline.core.config import Precision, build_config
 from pipeline.models.tuner import TunerArch
 
 
@@ -69,9 +69,9 @@ class OptimConfig:
     compressed) pull hardest and the net is drawn to the identity exactly where JPEG artifacts
     are subtle; pooled ``l2`` lets the most degraded patches outweigh the rest.
 
-    ``precision="auto"`` runs the forward pass under bf16 autocast where the hardware computes in
-    bf16 natively (CUDA; CPUs with AMX or AVX512-BF16), fp32 elsewhere, where bf16 is emulated and
-    slower than fp32; weights, optimiser state and the loss stay fp32 either way.
+    ``precision`` is the forward pass's arithmetic (``pipeline.models.precision``: ``auto`` is bf16
+    autocast where the hardware computes it natively); weights, optimiser state and the loss stay
+    fp32 either way.
     """
 
     steps: int = 200_000
@@ -86,7 +86,7 @@ class OptimConfig:
     loss: Literal["l1", "l2", "charbonnier", "psnr"] = "l1"
     grad_clip: float = 1.0
     loader_workers: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
 
 
 @dataclass

@@ -22,9 +22,10 @@ from PIL import Image
 from torch.nn import functional as F
 
 from pipeline.core import storage
-from pipeline.core.config import TuneConfig
+from pipeline.core.config import Precision, TuneConfig
 from pipeline.models.assess import conditions_for, equivalent_quality, estimate_noise_sigma
 from pipeline.models.degrade import gaussian_noise, jpeg_encode, to_uint8
+from pipeline.models.precision import arithmetic, autocast, bf16
 from pipeline.models.tuner import RestorationNet, pixels_in_memory, restore_images
 from pipeline.stages.tune import memory_at_hand, plan_tuning
 from pipeline.training.metrics import psnr, ssim
@@ -74,12 +75,16 @@ def conditions(sigmas: list[int], qualities: list[int]) -> list[Condition]:
 
 @torch.inference_mode()
 def run_model(
-    model: RestorationNet, image: np.ndarray, device: torch.device, quality: float | None = None
+    model: RestorationNet,
+    image: np.ndarray,
+    device: torch.device,
+    quality: float | None = None,
+    precision: Precision = "auto",
 ) -> np.ndarray:
     """The model's uint8 output for one float H×W×3 image, whole (no tiling), edge-padded to its grid.
 
     A conditioned model is told what the pipeline would tell it: the noise level estimated on the
-    image and ``quality``, its JPEG header's.
+    image and ``quality``, its JPEG header's. ``precision`` is the arithmetic, as ``tune.precision``.
     """
     height, width = image.shape[:2]
     factor = model.arch.multiple
@@ -88,7 +93,8 @@ def run_model(
     conditions = None
     if model.arch.conditions:
         conditions = torch.from_numpy(conditions_for(model.arch.conditions, image * 255.0, quality))[None].to(device)
-    output = model(tensor, conditions)[0, :, :height, :width].float().clamp(0, 1)
+    with autocast(device, precision):
+        output = model(tensor, conditions)[0, :, :height, :width].float().clamp(0, 1)
     return output.mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
@@ -101,12 +107,14 @@ def evaluate(
     seed: int = 0,
     tune_images: int = 2,
     device: torch.device | None = None,
+    precision: Precision = "auto",
 ) -> dict:
     """PSNR/SSIM of input, model and (optionally) OpenCV NLM and bilateral baselines per condition.
 
     Baseline strengths are grid-searched per condition on the first ``tune_images`` images (the
-    chosen value is recorded). Raises ``ImportError`` with the install hint when baselines are
-    asked for and OpenCV is missing.
+    chosen value is recorded). The model runs in ``precision``, as the tune stage would; the
+    table records the arithmetic that gave. Raises ``ImportError`` with the install hint when
+    baselines are asked for and OpenCV is missing.
     """
     device = device or torch.device("cpu")
     cv2 = _require_cv2() if baselines else None
@@ -118,7 +126,7 @@ def evaluate(
         cleans = [clean for _, clean in images]
         methods: dict[str, dict] = {
             "input": _score(cleans, [to_uint8(x) for x in inputs]),
-            "model": _score(cleans, [run_model(model, x, device, quality) for x, quality in degraded]),
+            "model": _score(cleans, [run_model(model, x, device, quality, precision) for x, quality in degraded]),
         }
         if cv2 is not None and condition.kind != "clean":
             uint8_inputs = [to_uint8(x) for x in inputs]
@@ -128,7 +136,13 @@ def evaluate(
         row = {"condition": condition.kind, "level": condition.level, "label": condition.label, "skipped": skipped}
         rows.append({**row, **methods})
         logger.info("%s: %s", condition.label, {k: round(v["psnr"], 2) for k, v in methods.items()})
-    return {"images": len(images), "seed": seed, "protocol": __doc__.split("\n\n")[1].replace("\n", " "), "rows": rows}
+    return {
+        "images": len(images),
+        "seed": seed,
+        "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
+        "arithmetic": arithmetic(device, precision),
+        "rows": rows,
+    }
 
 
 def _skipped(image: np.ndarray, quality: float | None) -> bool:
@@ -218,10 +232,13 @@ def save_table(prefix: str, result: dict, markdown: str) -> None:
         handle.write(markdown)
 
 
-def measure_throughput(model: RestorationNet, side: int = 1024, repeats: int = 3) -> dict[str, float]:
+def measure_throughput(
+    model: RestorationNet, side: int = 1024, repeats: int = 3, precision: Precision = "auto"
+) -> dict[str, float]:
     """CPU megapixels per second of the tune stage's own path on a ``side``×(3/4·``side``) photo-shaped
     image (``restore_images`` with tiles sized from the memory at hand: one pass where it fits), of
-    one plain whole-image forward pass, and of the fixed 512-px tiles the stage used to cut.
+    one plain whole-image forward pass, and of the fixed 512-px tiles the stage used to cut; all
+    three in ``precision``, and the fp32 stage path beside them when that is bf16.
     """
     device = torch.device("cpu")
     model = model.to(device).eval()
@@ -231,11 +248,17 @@ def measure_throughput(model: RestorationNet, side: int = 1024, repeats: int = 3
     budget = pixels_in_memory(model.arch, TuneConfig().memory_fraction * memory_at_hand(device))
     paths = {
         "stage": lambda: restore_images(
-            model, [image], None, radius, 1, device, conditions=conditions, max_pixels=budget
+            model, [image], None, radius, 1, device, conditions=conditions, max_pixels=budget, precision=precision
         ),
-        "whole_image": lambda: run_model(model, image.astype(np.float32) / 255.0, device, None),
-        "tiles_512": lambda: restore_images(model, [image], 512, radius, 4, device, conditions=conditions),
+        "whole_image": lambda: run_model(model, image.astype(np.float32) / 255.0, device, None, precision),
+        "tiles_512": lambda: restore_images(
+            model, [image], 512, radius, 4, device, conditions=conditions, precision=precision
+        ),
     }
+    if bf16(device, precision):
+        paths["stage_fp32"] = lambda: restore_images(
+            model, [image], None, radius, 1, device, conditions=conditions, max_pixels=budget, precision="fp32"
+        )
     rates = {}
     for name, path in paths.items():
         path()  # warm-up
@@ -247,6 +270,8 @@ def measure_throughput(model: RestorationNet, side: int = 1024, repeats: int = 3
         "megapixels_per_second": rates["stage"],
         "whole_image_megapixels_per_second": rates["whole_image"],
         "tiles_512_megapixels_per_second": rates["tiles_512"],
+        **({"fp32_megapixels_per_second": rates["stage_fp32"]} if "stage_fp32" in rates else {}),
+        "arithmetic": arithmetic(device, precision),
         "shape": list(image.shape[:2]),
         "threads": torch.get_num_threads(),
     }

@@ -27,7 +27,9 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from pipeline.core.config import Precision
 from pipeline.models.degrade import to_uint8
+from pipeline.models.precision import autocast, bf16
 from pipeline.models.tuner import RestorationNet, save_tuner
 from pipeline.training.config import OptimConfig, TrainConfig
 from pipeline.training.data import ImageRecord, PatchStream
@@ -92,16 +94,18 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[y : y + crop_h, x : x + crop_w]
 
 
-def validate(model: RestorationNet, images: list[np.ndarray], device: torch.device, seed: int) -> dict[str, float]:
+def validate(
+    model: RestorationNet, images: list[np.ndarray], device: torch.device, seed: int, precision: Precision
+) -> dict[str, float]:
     """Held-out PSNR per validation condition, the gain over the input on JPEG, and the mean
-    squared error over all of them."""
+    squared error over all of them, the model computing in ``precision`` as it trains."""
     metrics: dict[str, float] = {}
     errors = []
     for condition in VALIDATION:
         scores, gains = [], []
         for index, clean in enumerate(images):
             degraded, quality = condition.apply(clean, np.random.default_rng([seed, index, condition.level]))
-            output = run_model(model, degraded, device, quality)
+            output = run_model(model, degraded, device, quality, precision)
             scores.append(psnr(clean, output))
             gains.append(scores[-1] - psnr(clean, to_uint8(degraded)))
             errors.append(float(np.mean((output.astype(np.float64) - clean) ** 2)) / 255.0**2)
@@ -123,7 +127,7 @@ def training_step(
     """One optimiser step on a (degraded, clean, conditions) batch from ``PatchStream``; returns the loss."""
     degraded, clean, values = batch
     degraded = degraded.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(degraded.device.type, dtype=torch.bfloat16, enabled=bf16(degraded.device, optim.precision)):
+    with autocast(degraded.device, optim.precision):
         output = model(degraded, values if conditioned else None)
     loss = restoration_loss(output.float(), clean, optim.loss)
     optimizer.zero_grad(set_to_none=True)
@@ -131,16 +135,6 @@ def training_step(
     torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
     optimizer.step()
     return loss.item()
-
-
-def bf16(device: torch.device, precision: str) -> bool:
-    """Whether the forward pass runs under bf16 autocast: ``precision="auto"`` where ``device``
-    computes bf16 natively (any CUDA device this code trains on; a CPU with AMX or AVX512-BF16)."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return True
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 def describe_device(device: torch.device, precision: str = "fp32") -> str:
@@ -280,7 +274,7 @@ def _report(
     network: RestorationNet = getattr(model, "module", model)
     device = next(network.parameters()).device
     network.eval()
-    metrics.update(validate(network, val_images, device, config.seed))
+    metrics.update(validate(network, val_images, device, config.seed, config.optim.precision))
     network.train()
     state.curve.append({"step": state.step, "seconds": round(state.seconds, 1), **_curve_point(metrics)})
     logger.info("validation at step %d: %s", state.step, {k: v for k, v in metrics.items() if k != "device"})

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from pipeline.core.config import Precision
 from pipeline.models.assess import SHRINK_FACTORS, SHRINK_QUALITIES, effective_quality, estimate_noise_sigma
 from pipeline.models.degrade import add_gaussian_noise, jpeg_compress, jpeg_encode
 from pipeline.models.tuner import RestorationNet
@@ -32,29 +33,35 @@ SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
 SHRUNK_QUALITIES = (10, 20, 30, 50)
 
 
-def _gain(model: RestorationNet, clean: np.ndarray, data: bytes, working: int, device: torch.device) -> float:
+def _gain(
+    model: RestorationNet, clean: np.ndarray, data: bytes, working: int, device: torch.device, precision: Precision
+) -> float:
     """PSNR gain of the tuner over the decoded file, both against ``clean`` (the working-size truth)."""
     decoded = decode_image(data, working, 10**9)
     quality = None if decoded.jpeg_equivalent is None else effective_quality(decoded.jpeg_equivalent, decoded.scale)
-    output = run_model(model, decoded.pixels.astype(np.float32) / 255.0, device, quality)
+    output = run_model(model, decoded.pixels.astype(np.float32) / 255.0, device, quality, precision)
     return psnr(clean, output) - psnr(clean, decoded.pixels)
 
 
-def measure_thresholds(model: RestorationNet, images: list[np.ndarray], working: int = 1024) -> dict:
+def measure_thresholds(
+    model: RestorationNet, images: list[np.ndarray], working: int = 1024, precision: Precision = "auto"
+) -> dict:
     """Mean gains per quality, per noise sigma (with the mean estimate) and per shrink factor, and the
     thresholds they imply. ``images`` are clean photographs; the quality and noise rows use them at
-    the ``working`` size, the shrink rows compress them whole and shrink them by each factor."""
+    the ``working`` size, the shrink rows compress them whole and shrink them by each factor. The
+    model runs in ``precision``, as the tune stage would."""
     device = torch.device("cpu")
     model = model.to(device).eval()
     rng = np.random.default_rng(0)
     cleans = [downscale(image.copy(), _size(image, working)) for image in images]
     by_quality = {
-        q: float(np.mean([_gain(model, c, jpeg_encode(c, q), working, device) for c in cleans])) for q in QUALITIES
+        q: float(np.mean([_gain(model, c, jpeg_encode(c, q), working, device, precision) for c in cleans]))
+        for q in QUALITIES
     }
     by_sigma: dict[float, dict[str, float]] = {}
     for sigma in SIGMAS:
         noisy = [add_gaussian_noise(c, sigma, rng) for c in cleans]
-        gains = [_gain(model, c, _png(n), working, device) for c, n in zip(cleans, noisy, strict=True)]
+        gains = [_gain(model, c, _png(n), working, device, precision) for c, n in zip(cleans, noisy, strict=True)]
         by_sigma[sigma] = {
             "gain": float(np.mean(gains)),
             "estimate": float(np.mean([estimate_noise_sigma(n) for n in noisy])),
@@ -67,7 +74,7 @@ def measure_thresholds(model: RestorationNet, images: list[np.ndarray], working:
             q: float(
                 np.mean(
                     [
-                        _gain(model, truth, jpeg_encode(image, q), side, device)
+                        _gain(model, truth, jpeg_encode(image, q), side, device, precision)
                         for image, truth, side in zip(images, truths, sides, strict=True)
                     ]
                 )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 
@@ -61,30 +62,34 @@ def _conditions(arch: TunerArch, count: int, seed: int = 0) -> list[np.ndarray] 
     return [rng.random(len(arch.conditions)).astype(np.float32) for _ in range(count)] if arch.conditions else None
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ARCHS, ids=_ids)
-def test_tiled_output_equals_untiled_for_images_of_any_shape_and_their_own_conditions(arch):
+def test_tiled_output_equals_untiled_for_images_of_any_shape_and_their_own_conditions(arch, precision):
     model = _trained_like(arch=arch)
+    restore = functools.partial(restore_images, precision=precision)
     radius = model.arch.receptive_radius
     tile = 2 * radius + 4 * arch.multiple
     rng = np.random.default_rng(1)
     shapes = [(2 * tile - 7, tile + 13, 3), (31, 47, 3), (tile, tile, 3)]
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
     conditions = _conditions(arch, len(images))
-    whole = restore_images(model, images, None, 32, 4, CPU, conditions=conditions, max_pixels=10**8)
-    tiled = restore_images(model, images, tile, radius, 3, CPU, conditions=conditions)
+    whole = restore(model, images, None, 32, 4, CPU, conditions=conditions, max_pixels=10**8)
+    tiled = restore(model, images, tile, radius, 3, CPU, conditions=conditions)
     # Automatic tiles: a budget that fits the small images whole and cuts the large one.
-    auto = restore_images(model, images, None, radius, 3, CPU, conditions=conditions, max_pixels=tile * tile)
+    auto = restore(model, images, None, radius, 3, CPU, conditions=conditions, max_pixels=tile * tile)
     assert not np.array_equal(whole[0], images[0])
     if conditions is not None:  # each image is restored with its own conditions, whatever shares its batch
-        alone = restore_images(model, images[1:2], None, 32, 1, CPU, conditions=conditions[1:2], max_pixels=10**8)
+        alone = restore(model, images[1:2], None, 32, 1, CPU, conditions=conditions[1:2], max_pixels=10**8)
         assert np.array_equal(alone[0], whole[1])
-        other = restore_images(model, images[1:2], None, 32, 1, CPU, conditions=conditions[:1], max_pixels=10**8)
+        other = restore(model, images[1:2], None, 32, 1, CPU, conditions=conditions[:1], max_pixels=10**8)
         assert not np.array_equal(other[0], whole[1])
     for expected, actual in [*zip(whole, tiled, strict=True), *zip(whole, auto, strict=True)]:
         assert actual.shape == expected.shape
         difference = np.abs(actual.astype(int) - expected.astype(int))
-        # Float results agree to ~1e-6; only a value on a rounding boundary may flip by one level.
-        assert difference.max() <= 1 and (difference == 0).mean() > 0.999
+        # fp32 results agree to ~1e-6, so only a value on a rounding boundary may flip by one level.
+        # bf16 rounds every activation to 8 bits of mantissa, and a tile's kernels may sum in
+        # another order: more values flip (0.1% for the default tuner on Kodak), never by more.
+        assert difference.max() <= 1 and (difference == 0).mean() > (0.999 if precision == "fp32" else 0.99)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=_ids)

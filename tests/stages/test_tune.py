@@ -11,7 +11,7 @@ from PIL import Image
 from skimage import data
 
 from pipeline.core.batch import object_column
-from pipeline.core.config import TuneConfig
+from pipeline.core.config import TuneConfig, load_config
 from pipeline.models.assess import effective_quality
 from pipeline.models.tuner import RestorationNet, TunerArch, save_tuner
 from pipeline.stages.decode import DecodeStage
@@ -103,3 +103,25 @@ def test_skipped_images_keep_their_pixels_without_a_network_pass_and_restored_on
     expected_quality = [(100 - 20) / 100, 0.0, (100 - effective_quality(20, 2.0)) / 100]
     assert np.allclose(given[:, 1], expected_quality) and given[:, 1][2] < given[:, 1][0]
     assert np.allclose(given[:, 0], decoded["noise_sigma"][[2, 3, 5]] / 50.0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_the_network_computes_in_the_arithmetic_tune_precision_names(conditioned, precision, caplog):
+    photo = np.ascontiguousarray(data.astronaut()[:64, :64])
+    decoded = DecodeStage(max_side=64).process(_batch([_encode(photo, "JPEG", quality=20)]))
+    stage = TuneStage(TuneConfig(model=conditioned, precision=precision))
+    with caplog.at_level("INFO", logger="pipeline.stages.tune"):
+        stage.setup()
+    dtypes = []
+    stage._network.head.register_forward_hook(lambda _, __, output: dtypes.append(output.dtype))
+    stage.process(decoded)
+    # auto: bf16 where this CPU computes it natively (AMX, AVX512-BF16), fp32 where it would be emulated
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    wanted = precision == "bf16" or (precision == "auto" and native)
+    assert dtypes == [torch.bfloat16 if wanted else torch.float32]
+    assert ("bf16 autocast" if wanted else "fp32") in caplog.text
+
+
+def test_an_unknown_precision_is_refused_naming_the_setting(tmp_path):
+    with pytest.raises(ValueError, match=r"tune.precision='fp16' must be one of auto, fp32, bf16"):
+        load_config(None, ["tune.precision=fp16"], input=str(tmp_path), output=str(tmp_path))

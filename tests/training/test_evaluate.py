@@ -63,8 +63,13 @@ def test_eval_job_reads_a_directory_and_writes_json_and_markdown(tmp_path, two_i
         Image.fromarray(pixels).save(folder / f"{name}.png")
     out = tmp_path / "report" / "eval"
     argv = ["--model", "random", "--images", str(folder), "--sigma", "25", "--jpeg", "20"]
-    assert eval_tuner.main([*argv, "--no-baselines", "--bench-side", "64", "--out", str(out)]) == 0
+    assert (
+        eval_tuner.main([*argv, "--no-baselines", "--bench-side", "64", "--precision", "bf16", "--out", str(out)]) == 0
+    )
     result = json.loads(out.with_suffix(".json").read_text())
+    # Quality and cost in the arithmetic asked for, with the fp32 stage beside the bf16 one.
+    assert result["arithmetic"] == result["throughput"]["arithmetic"] == "bf16 autocast"
+    assert result["throughput"]["fp32_megapixels_per_second"] > 0
     assert result["dataset"] == "images" and result["images"] == 2
     assert "RANDOM-WEIGHTS" in result["model"] and result["throughput"]["megapixels_per_second"] > 0
     assert result["throughput"]["whole_image_megapixels_per_second"] > 0 and result["architecture"]["parameters"] > 0

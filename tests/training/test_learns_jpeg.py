@@ -36,7 +36,7 @@ def test_a_tiny_conditioned_tuner_gains_on_held_out_jpeg_within_a_hundred_steps(
             training_step(model, optimizer, next(batches), OptimConfig(loss="l1", precision=precision), True)
             for _ in range(100)
         ]
-        metrics = validate(model.eval(), held_out, torch.device("cpu"), seed=0)
+        metrics = validate(model.eval(), held_out, torch.device("cpu"), seed=0, precision=precision)
     finally:
         torch.set_num_threads(threads)
     assert np.mean(losses[-20:]) < np.mean(losses[:20])
