@@ -29,8 +29,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.bench.memory import ProcessTreeMemory
 from pipeline.bench.report import Timing
-from pipeline.core.config import DecodeConfig, JobConfig
+from pipeline.core.config import DecodeConfig, JobConfig, Precision
+from pipeline.models.assess import conditions_for, effective_quality
 from pipeline.models.openclip import OpenClipModel, load_open_clip, select_device
+from pipeline.models.precision import autocast
 from pipeline.models.tuner import RestorationNet
 from pipeline.readers.plan import IMAGE_EXTENSIONS
 from pipeline.stages.caption import decode_tokens
@@ -60,8 +62,14 @@ class ShardImages(IterableDataset):
             for key, members in _tar_groups(path):
                 extension = next(ext for ext in members if ext in IMAGE_EXTENSIONS)
                 decode = self.decode
-                pixels = decode_image(members[extension], decode.max_side, decode.max_pixels, decode.jpeg_draft).pixels
-                yield {"id": f"{path.name}#{key}", "image": pixels, "caption": members.get("txt", b"").decode()}
+                decoded = decode_image(members[extension], decode.max_side, decode.max_pixels, decode.jpeg_draft)
+                equivalent = decoded.jpeg_equivalent
+                yield {
+                    "id": f"{path.name}#{key}",
+                    "image": decoded.pixels,
+                    "quality": None if equivalent is None else effective_quality(equivalent, decoded.scale),
+                    "caption": members.get("txt", b"").decode(),
+                }
 
 
 @dataclass
@@ -118,7 +126,7 @@ def run_baseline(config: JobConfig, shards: list[Path], output: Path, workers: i
 @torch.inference_mode()
 def process_rows(models: BaselineModels, config: JobConfig, rows: list[dict[str, Any]]) -> pa.Table:
     """Tune, caption, score and encode one batch of decoded rows; returns its output table."""
-    tuned = [tune_image(models.tuner, row["image"]) for row in rows]
+    tuned = [tune_image(models.tuner, row["image"], row["quality"], config.tune.precision) for row in rows]
     tokens = models.coca.model.generate(_preprocess(models.coca, tuned), **config.caption.generate_kwargs())
     generated = decode_tokens(models.coca.tokenizer, tokens)
     clip = models.clip
@@ -139,14 +147,20 @@ def process_rows(models: BaselineModels, config: JobConfig, rows: list[dict[str,
     )
 
 
-def tune_image(network: RestorationNet, pixels: np.ndarray) -> np.ndarray:
-    """The tuner on one whole uint8 image (edge-padded to the multiple its shape needs)."""
+def tune_image(network: RestorationNet, pixels: np.ndarray, quality: float | None, precision: Precision) -> np.ndarray:
+    """The tuner on one whole uint8 image (edge-padded to the multiple its shape needs), every image
+    restored. A conditioned tuner is told what the pipeline would tell it (the estimated noise and
+    the JPEG ``quality`` at the working size), and the arithmetic is the pipeline's, so that the
+    comparison measures the pipeline and not a setting."""
     height, width = pixels.shape[:2]
     factor = network.arch.multiple
     padded = np.pad(pixels, ((0, -height % factor), (0, -width % factor), (0, 0)), mode="edge")
     device = next(network.parameters()).device
     inputs = torch.from_numpy(padded).to(device).permute(2, 0, 1)[None].float().div(255.0)
-    restored = network(inputs).clamp(0, 1).mul(255.0).round().to(torch.uint8)
+    names = network.arch.conditions
+    conditions = torch.from_numpy(conditions_for(names, pixels, quality))[None].to(device) if names else None
+    with autocast(device, precision):
+        restored = network(inputs, conditions).float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
     return restored[0].permute(1, 2, 0)[:height, :width].cpu().numpy()
 
 

@@ -46,7 +46,7 @@ DEFAULT_MODELS = {
     "clip": ("ViT-B-32", "laion2b_s34b_b79k"),
 }
 SMALL_MODELS = {"caption": "tiny-coca.json", "clip": "tiny-clip.json"}
-SMALL_TUNER = TunerArch(channels=16, depth=4)
+SMALL_TUNER = TunerArch(channels=16, depth=4, conditions=("noise_sigma", "jpeg_quality"))  # as the default
 DECODER_BATCH, DECODER_SEQ_LEN = 16, 30
 SEED = 0  # of the dataset: every run of the benchmark measures the same images
 
