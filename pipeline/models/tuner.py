@@ -71,6 +71,13 @@ class RestorationNet(nn.Module):
         return x + F.pixel_shuffle(self.body(features), self.arch.unshuffle)
 
 
+def for_inference(model: RestorationNet, device: torch.device) -> RestorationNet:
+    """``model`` on ``device`` in eval mode, its weights channels-last like the tiles it is given:
+    oneDNN then runs its convolutions without reordering the weights on every call (on the 2-core
+    Xeon build machine that is 2.9x in bf16 and 1.3x in fp32, ``eval-tuner``'s bench)."""
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
 def save_tuner(model: RestorationNet, path: str, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors checkpoint whose metadata carries the architecture."""
     meta = {"format": FORMAT, "arch": json.dumps(asdict(model.arch)), **(metadata or {})}

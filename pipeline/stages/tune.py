@@ -28,6 +28,7 @@ from pipeline.models.staging import HostStaging
 from pipeline.models.tuner import (
     DEFAULT,
     default_tuner,
+    for_inference,
     load_tuner,
     pixels_in_memory,
     random_tuner,
@@ -119,7 +120,7 @@ class TuneStage(Stage):
             self._device,
             arithmetic(self._device, config.precision),
         )
-        self._network = network.to(self._device)
+        self._network = for_inference(network, self._device)
         self._staging = HostStaging(self._device)
 
     def process(self, batch: Batch) -> Batch:

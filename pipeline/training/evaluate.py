@@ -26,7 +26,7 @@ from pipeline.core.config import Precision, TuneConfig
 from pipeline.models.assess import conditions_for, equivalent_quality, estimate_noise_sigma
 from pipeline.models.degrade import gaussian_noise, jpeg_encode, to_uint8
 from pipeline.models.precision import arithmetic, autocast, bf16
-from pipeline.models.tuner import RestorationNet, pixels_in_memory, restore_images
+from pipeline.models.tuner import RestorationNet, for_inference, pixels_in_memory, restore_images
 from pipeline.stages.tune import memory_at_hand, plan_tuning
 from pipeline.training.metrics import psnr, ssim
 
@@ -118,7 +118,7 @@ def evaluate(
     """
     device = device or torch.device("cpu")
     cv2 = _require_cv2() if baselines else None
-    model = model.to(device).eval()
+    model = for_inference(model, device)
     rows = []
     for condition in conditions(sigmas, qualities):
         degraded = [condition.apply(clean, _rng(seed, i, condition)) for i, (_, clean) in enumerate(images)]
@@ -241,7 +241,7 @@ def measure_throughput(
     three in ``precision``, and the fp32 stage path beside them when that is bf16.
     """
     device = torch.device("cpu")
-    model = model.to(device).eval()
+    model = for_inference(model, device)
     image = np.random.default_rng(0).integers(0, 256, (side * 3 // 4, side, 3), dtype=np.uint8)
     radius = model.arch.receptive_radius + model.arch.receptive_radius % 2
     conditions = [np.zeros(len(model.arch.conditions), dtype=np.float32)]

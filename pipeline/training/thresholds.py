@@ -19,7 +19,7 @@ import torch
 from pipeline.core.config import Precision
 from pipeline.models.assess import SHRINK_FACTORS, SHRINK_QUALITIES, effective_quality, estimate_noise_sigma
 from pipeline.models.degrade import add_gaussian_noise, jpeg_compress, jpeg_encode
-from pipeline.models.tuner import RestorationNet
+from pipeline.models.tuner import RestorationNet, for_inference
 from pipeline.stages.decode import decode_image, downscale
 from pipeline.training.evaluate import run_model
 from pipeline.training.metrics import psnr
@@ -51,7 +51,7 @@ def measure_thresholds(
     the ``working`` size, the shrink rows compress them whole and shrink them by each factor. The
     model runs in ``precision``, as the tune stage would."""
     device = torch.device("cpu")
-    model = model.to(device).eval()
+    model = for_inference(model, device)
     rng = np.random.default_rng(0)
     cleans = [downscale(image.copy(), _size(image, working)) for image in images]
     by_quality = {

@@ -120,6 +120,12 @@ def test_the_network_computes_in_the_arithmetic_tune_precision_names(conditioned
     wanted = precision == "bf16" or (precision == "auto" and native)
     assert dtypes == [torch.bfloat16 if wanted else torch.float32]
     assert ("bf16 autocast" if wanted else "fp32") in caplog.text
+    # Weights channels-last like the tiles, so oneDNN does not reorder them on every call.
+    assert all(
+        conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        for conv in stage._network.modules()
+        if isinstance(conv, torch.nn.Conv2d) and conv.kernel_size != (1, 1)
+    )
 
 
 def test_an_unknown_precision_is_refused_naming_the_setting(tmp_path):
