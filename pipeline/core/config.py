@@ -74,7 +74,7 @@ class TuneConfig:
     skip: bool = True  # images with nothing to restore pass through unchanged, without a network pass
     # Measured with `eval-tuner --thresholds` for the default tuner (README, "Skipping").
     skip_quality: int = 50  # JPEG (effective) quality from which there is nothing to deblock
-    skip_sigma: float = 2.9  # estimated noise below which there is nothing to denoise
+    skip_sigma: float = 3.0  # estimated noise below which there is nothing to denoise
     deblock_max_scale: float = 2.0  # a JPEG shrunk more than this to the working size is not deblocked
     precision: Precision = "auto"  # auto: bf16 autocast where the CPU or GPU computes bf16 natively, else fp32
 
