@@ -9,6 +9,7 @@ the uint8 input is what a file would hold and what OpenCV's filters take). PSNR 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -246,19 +247,14 @@ def measure_throughput(
     radius = model.arch.receptive_radius + model.arch.receptive_radius % 2
     conditions = [np.zeros(len(model.arch.conditions), dtype=np.float32)]
     budget = pixels_in_memory(model.arch, TuneConfig().memory_fraction * memory_at_hand(device))
+    tiles = functools.partial(restore_images, model, [image], device=device, conditions=conditions)
     paths = {
-        "stage": lambda: restore_images(
-            model, [image], None, radius, 1, device, conditions=conditions, max_pixels=budget, precision=precision
-        ),
+        "stage": lambda: tiles(None, radius, 1, max_pixels=budget, precision=precision),
         "whole_image": lambda: run_model(model, image.astype(np.float32) / 255.0, device, None, precision),
-        "tiles_512": lambda: restore_images(
-            model, [image], 512, radius, 4, device, conditions=conditions, precision=precision
-        ),
+        "tiles_512": lambda: tiles(512, radius, 4, precision=precision),
     }
     if bf16(device, precision):
-        paths["stage_fp32"] = lambda: restore_images(
-            model, [image], None, radius, 1, device, conditions=conditions, max_pixels=budget, precision="fp32"
-        )
+        paths["stage_fp32"] = lambda: tiles(None, radius, 1, max_pixels=budget, precision="fp32")
     rates = {}
     for name, path in paths.items():
         path()  # warm-up
